@@ -1,0 +1,3 @@
+from mkdt.cli import main
+
+raise SystemExit(main())

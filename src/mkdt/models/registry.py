@@ -1,0 +1,84 @@
+"""``build_model(name, ...)``: one registry for every network the stages use."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from torch import nn
+
+from mkdt.errors import MkdtError
+from mkdt.models.convnet import ConvNet
+from mkdt.models.resnet import CifarResNet
+
+
+@dataclass
+class ModelConfig:
+    """Architecture choice; fields a model does not use are ignored by it."""
+
+    name: str = "convnet"
+    width: int | None = None  # None = the model's standard width (ConvNet 128, ResNet 64)
+    depth: int = 3
+    norm: str = "instancenorm"
+    pool: str = "avgpool"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _convnet(cfg: ModelConfig, in_channels: int, resolution: int, head_dim: int | None) -> nn.Module:
+    return ConvNet(cfg.depth, cfg.width or 128, cfg.norm, cfg.pool, in_channels, resolution, head_dim)
+
+
+def _convnet_depth(depth: int) -> Callable[..., nn.Module]:
+    def build(cfg: ModelConfig, in_channels: int, resolution: int, head_dim: int | None) -> nn.Module:
+        return ConvNet(depth, cfg.width or 128, cfg.norm, cfg.pool, in_channels, resolution, head_dim)
+
+    return build
+
+
+def _resnet(arch: str) -> Callable[..., nn.Module]:
+    def build(cfg: ModelConfig, in_channels: int, resolution: int, head_dim: int | None) -> nn.Module:
+        norm = cfg.norm if cfg.norm in ("batchnorm", "groupnorm") else "batchnorm"
+        return CifarResNet(arch, cfg.width or 64, in_channels, resolution, head_dim, norm)
+
+    return build
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "convnet": _convnet,
+    "convnet_d3": _convnet_depth(3),
+    "convnet_d4": _convnet_depth(4),
+    "resnet10": _resnet("resnet10"),
+    "resnet18": _resnet("resnet18"),
+}
+
+
+def available_models() -> list[str]:
+    return sorted(MODELS)
+
+
+def build_model(
+    name: str | ModelConfig,
+    *,
+    in_channels: int = 3,
+    resolution: int = 32,
+    head_dim: int | None = None,
+    **overrides,
+) -> nn.Module:
+    """Build a registered model. ``name`` is a registry name or a :class:`ModelConfig`.
+
+    Every model exposes ``features(x)`` (flattened penultimate features), ``feature_dim``, ``out_dim``
+    and ``head`` (``None`` without a head). Weights are drawn from torch's global generator: seed it
+    (``torch.manual_seed``) or use :func:`mkdt.runtime.seeded` around the call for reproducible inits.
+    """
+    cfg = name if isinstance(name, ModelConfig) else ModelConfig(name=name)
+    if overrides:
+        cfg = ModelConfig(**{**cfg.to_dict(), **overrides})
+    if cfg.name not in MODELS:
+        raise MkdtError(f"unknown model '{cfg.name}'; choose one of {', '.join(available_models())}")
+    return MODELS[cfg.name](cfg, in_channels, resolution, head_dim)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
