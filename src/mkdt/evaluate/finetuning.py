@@ -1,0 +1,280 @@
+"""``mkdt finetune``: KRR-ST's evaluation — fine-tune the whole encoder with a new linear head.
+
+Protocol (KRR-ST, Lee et al. 2024): SGD lr 0.01, momentum 0.9, weight decay 5e-4, cosine decay over
+the iterations, random crop (padding 4) + horizontal flip, cross-entropy on a labelled fraction of the
+downstream train split; test accuracy per seed. Downstream images are adapted and normalised exactly
+as for the probe (encoder resolution/channels, the encoder's pre-training mean/std).
+
+Long runs checkpoint (weights, momentum, data-order generator) every ``checkpoint_every``
+iterations, so an interrupted run resumes where it stopped and ends with the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from mkdt.artifacts import (RunDir, TensorSpec, config_digest, load_json, load_tensors, read_metadata, save_json,
+                            save_tensors)
+from mkdt.config import StageConfig, to_dict
+from mkdt.data import DataConfig, ImageSet, labelled_split, load_dataset, normalize
+from mkdt.errors import MkdtError
+from mkdt.evaluate.features import Encoder, adapt, load_encoder
+from mkdt.evaluate.probing import (encoder_path, majority_fraction, percent_key, probe_name, summarise,
+                                   unique_labels)
+from mkdt.runtime import Meter, derive_seed, generator, resolve_device, seeded
+
+
+@dataclasses.dataclass
+class FinetuneConfig(StageConfig):
+    """Encoder file, downstream sets, labelled fractions and KRR-ST's fine-tuning schedule."""
+
+    encoder: str | None = None  # None = <out>/pretrain/<name>/encoder.safetensors
+    name: str | None = None
+    downstream: list[DataConfig] = dataclasses.field(default_factory=lambda: [DataConfig(name="digits")])
+    train_split: str = "train"
+    test_split: str = "test"
+    percents: list[float] = dataclasses.field(default_factory=lambda: [100.0])
+    split_mode: str = "stratified"
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    iterations: int = 10000
+    batch_size: int = 256
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    crop_padding: int = 4
+    flip: bool = True
+    checkpoint_every: int = 500
+    eval_batch_size: int = 512
+    collapse_threshold: float = 0.9
+
+
+def check_config(cfg: FinetuneConfig) -> None:
+    if cfg.iterations < 1 or cfg.batch_size < 1 or cfg.checkpoint_every < 1:
+        raise MkdtError("finetune iterations, batch_size and checkpoint_every must be >= 1")
+    if not cfg.lr > 0 or cfg.momentum < 0 or cfg.weight_decay < 0 or cfg.crop_padding < 0:
+        raise MkdtError("finetune lr must be positive and momentum, weight_decay, crop_padding >= 0")
+    if cfg.split_mode not in ("stratified", "uniform"):
+        raise MkdtError(f"finetune split_mode must be stratified or uniform, got {cfg.split_mode!r}")
+    if not cfg.downstream or not cfg.percents or not cfg.seeds:
+        raise MkdtError("finetune needs at least one downstream set, percent and seed")
+    for p in cfg.percents:
+        if not 0 < p <= 100:
+            raise MkdtError(f"finetune percents must be in (0, 100], got {p}")
+
+
+# ----------------------------------------------------------------------------------------------
+# augmentation
+# ----------------------------------------------------------------------------------------------
+def crop_flip(x: torch.Tensor, padding: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
+    """Per-image random crop after zero padding + random horizontal flip (uint8 or float batches).
+
+    Random numbers come from ``gen`` on the CPU, so CPU and CUDA see the same crops.
+    """
+    n, _, h, w = x.shape
+    if padding > 0:
+        dy = torch.randint(0, 2 * padding + 1, (n,), generator=gen)
+        dx = torch.randint(0, 2 * padding + 1, (n,), generator=gen)
+        padded = F.pad(x, (padding, padding, padding, padding))
+        rows = (dy[:, None] + torch.arange(h)[None]).to(x.device)
+        cols = (dx[:, None] + torch.arange(w)[None]).to(x.device)
+        batch = torch.arange(n, device=x.device)[:, None, None]
+        x = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    if flip:
+        mask = (torch.rand(n, generator=gen) < 0.5).to(x.device).view(n, 1, 1, 1)
+        x = torch.where(mask, x.flip(-1), x)
+    return x.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# one fine-tuning run
+# ----------------------------------------------------------------------------------------------
+class Classifier(nn.Module):
+    def __init__(self, encoder: nn.Module, num_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.feature_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder.features(x))
+
+
+def cosine_lr(base: float, step: int, total: int) -> float:
+    return 0.5 * base * (1 + math.cos(math.pi * step / total))
+
+
+def fresh_classifier(path: Path, num_classes: int, seed: int, device: torch.device) -> Classifier:
+    encoder = load_encoder(path, device)
+    with seeded(seed):
+        model = Classifier(encoder.model, num_classes)
+    model.to(device)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, step: int,
+                    order: list[torch.Tensor], losses: list[float]) -> None:
+    """Weights, momentum buffers, generator state and the rest of the current epoch's batch order."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors["order"] = torch.cat(order) if order else torch.zeros(0, dtype=torch.int64)
+    for i, p in enumerate(model.parameters()):
+        buf = opt.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            tensors[f"momentum.{i}"] = buf
+    tensors["rng"] = gen.get_state()
+    save_tensors(path, tensors, {"step": step, "losses": losses})
+
+
+def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+                    batch_size: int) -> tuple[int, list[torch.Tensor], list[float]]:
+    tensors = load_tensors(path, {"rng": TensorSpec(dtype=torch.uint8), "order": TensorSpec(dtype=torch.int64)})
+    device = next(model.parameters()).device
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    for i, p in enumerate(model.parameters()):
+        if f"momentum.{i}" in tensors:
+            opt.state[p]["momentum_buffer"] = tensors[f"momentum.{i}"].to(device)
+    gen.set_state(tensors["rng"])
+    # The remaining batches are full except possibly the last, so re-splitting restores them exactly.
+    meta = read_metadata(path)
+    return int(meta["step"]), list(tensors["order"].split(batch_size)), [float(v) for v in meta.get("losses", [])]
+
+
+def train_classifier(cfg: FinetuneConfig, model: Classifier, images: torch.Tensor, labels: torch.Tensor,
+                     mean: tuple[float, ...], std: tuple[float, ...], gen: torch.Generator, ckpt: Path,
+                     desc: str) -> list[float]:
+    """SGD + cosine on uint8 ``images``; resumes from ``ckpt`` if present; returns logged losses."""
+    device = next(model.parameters()).device
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    step, order, losses = load_checkpoint(ckpt, model, opt, gen, cfg.batch_size) if ckpt.is_file() else (0, [], [])
+    model.train()
+    bar = tqdm(total=cfg.iterations, initial=step, desc=desc, disable=None, leave=False)
+    while step < cfg.iterations:
+        if not order:
+            order = list(torch.randperm(len(images), generator=gen).split(cfg.batch_size))
+        idx = order.pop(0)
+        x = crop_flip(images[idx].to(device), cfg.crop_padding, cfg.flip, gen)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(cfg.lr, step, cfg.iterations)
+        loss = F.cross_entropy(model(normalize(x, mean, std)), labels[idx].to(device))
+        if not torch.isfinite(loss):
+            raise MkdtError(f"fine-tuning diverged at iteration {step} (loss {loss.item()}); lower lr (now {cfg.lr})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
+            losses.append(float(loss.detach()))
+            if step < cfg.iterations:
+                save_checkpoint(ckpt, model, opt, gen, step, order, losses)
+    bar.close()
+    return losses
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: tuple[float, ...],
+             std: tuple[float, ...], batch_size: int, num_classes: int) -> tuple[float, float]:
+    model.eval()
+    device = next(model.parameters()).device
+    preds = [model(normalize(chunk.to(device), mean, std)).argmax(1).cpu() for chunk in images.split(batch_size)]
+    pred = torch.cat(preds)
+    return 100.0 * float((pred == labels).float().mean()), majority_fraction(pred, num_classes)
+
+
+# ----------------------------------------------------------------------------------------------
+# the stage
+# ----------------------------------------------------------------------------------------------
+def load_sets(cfg: FinetuneConfig, data_cfg: DataConfig, encoder: Encoder) -> tuple[ImageSet, ImageSet]:
+    sets = []
+    for split in (cfg.train_split, cfg.test_split):
+        data = load_dataset(data_cfg, split=split)
+        if data.labels is None:
+            raise MkdtError(f"downstream {data_cfg.name} split '{split}' has no labels; fine-tuning needs labels")
+        sets.append(adapt(data, encoder.in_channels, encoder.resolution))
+    return sets[0], sets[1]
+
+
+def finetune_one(cfg: FinetuneConfig, path: Path, encoder: Encoder, train: ImageSet, test: ImageSet, label: str,
+                 percent: float, seed: int, device: torch.device, ckpt_dir: Path) -> dict[str, Any]:
+    assert train.labels is not None and test.labels is not None
+    num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+    split_seed = derive_seed(cfg.seed, "labelled", cfg.split_mode, percent_key(percent), seed)
+    idx = labelled_split(train.labels, percent, split_seed, mode=cfg.split_mode)
+    model = fresh_classifier(path, num_classes, derive_seed(cfg.seed, "finetune-head", label, seed), device)
+    gen = generator(derive_seed(cfg.seed, "finetune-order", label, percent_key(percent), seed))
+    ckpt = ckpt_dir / f"{label.replace('#', '_')}_{percent_key(percent)}_{seed}.safetensors"
+    losses = train_classifier(cfg, model, train.images[idx], train.labels[idx], encoder.mean, encoder.std, gen, ckpt,
+                              desc=f"finetune {label} {percent_key(percent)}% seed {seed}")
+    acc, share = accuracy(model, test.images, test.labels, encoder.mean, encoder.std, cfg.eval_batch_size, num_classes)
+    ckpt.unlink(missing_ok=True)
+    return {"downstream": label, "protocol": "finetune", "percent": float(percent), "seed": int(seed),
+            "train_size": int(len(idx)), "accuracy": acc, "majority_fraction": share,
+            "collapsed": share >= cfg.collapse_threshold, "diverged": False, "losses": losses}
+
+
+def finetune(config: FinetuneConfig) -> dict:
+    """Fine-tune the encoder on every downstream set / percent / seed; writes ``results.json``."""
+    check_config(config)
+    path = encoder_path(config)  # type: ignore[arg-type]
+    device = resolve_device(config.device)
+    encoder = load_encoder(path, device)
+    name = probe_name(config, path)  # type: ignore[arg-type]
+    stage = RunDir(config.out).stage(f"finetune/{name}")
+    cfg_dict = to_dict(config)
+    record = stage.record() if stage.is_done(cfg_dict) else None
+    if record and record.get("encoder_digest") == encoder.digest and (stage / "results.json").is_file():
+        return load_json(stage / "results.json")
+    stage.invalidate()
+    stage.save_config(config)
+    partial = stage / "partial.json"
+    done: dict[str, dict] = {}
+    if partial.is_file():
+        data = load_json(partial)
+        if data.get("encoder_digest") == encoder.digest and data.get("config") == cfg_dict:
+            done = dict(data.get("runs", {}))
+    labels = unique_labels(list(config.downstream))
+    ckpt_dir = stage / "checkpoints" / f"{config_digest(cfg_dict)}_{encoder.digest}"
+    for old in (stage / "checkpoints").glob("*"):  # checkpoints of another config/encoder cannot be resumed
+        if old != ckpt_dir and old.is_dir():
+            shutil.rmtree(old)
+    with Meter() as meter:
+        for label, data_cfg in zip(labels, config.downstream):
+            keys = [f"{label}|{percent_key(p)}|{s}" for p in config.percents for s in config.seeds]
+            if all(k in done for k in keys):
+                continue
+            train, test = load_sets(config, data_cfg, encoder)
+            for percent in config.percents:
+                for seed in config.seeds:
+                    key = f"{label}|{percent_key(percent)}|{seed}"
+                    if key in done:
+                        continue
+                    done[key] = finetune_one(config, path, encoder, train, test, label, percent, seed, device, ckpt_dir)
+                    save_json(partial, {"encoder_digest": encoder.digest, "config": cfg_dict, "runs": done})
+    runs = [done[f"{lab}|{percent_key(p)}|{s}"] for lab in labels for p in config.percents for s in config.seeds]
+    results = {
+        "name": name, "encoder": str(path), "encoder_digest": encoder.digest, "encoder_meta": encoder.meta,
+        "downstream": {lab: to_dict(c) for lab, c in zip(labels, config.downstream)},
+        "protocols": {"finetune": {"optimizer": f"SGD lr {config.lr} momentum {config.momentum} wd "
+                                                f"{config.weight_decay}, cosine", "iterations": config.iterations,
+                                   "batch_size": config.batch_size, "augmentation":
+                                       f"random crop (padding {config.crop_padding}) + flip" if config.flip else
+                                       f"random crop (padding {config.crop_padding})", "split": config.split_mode}},
+        "percents": [float(p) for p in config.percents], "seeds": list(config.seeds), "std_ddof": 1,
+        "runs": runs, "summary": summarise(runs), "measure": meter.as_dict(),
+    }
+    save_json(stage / "results.json", results)
+    stage.finish(cfg_dict, encoder_digest=encoder.digest, results=str(stage / "results.json"))
+    partial.unlink(missing_ok=True)
+    shutil.rmtree(stage / "checkpoints", ignore_errors=True)
+    return results
+
+

@@ -1,0 +1,314 @@
+"""``mkdt probe``: linear-probe a frozen encoder on downstream sets with few labels (REFERENCE 6).
+
+For every downstream set: the train and test splits are resized to the encoder's source resolution,
+converted to its channel count and normalised with the encoder's pre-training mean/std; features are
+``model.features(x)`` in eval mode (cached per encoder file hash + data fingerprint). For every
+protocol, labelled percent and seed, a labelled subset of the train split is drawn, a logistic
+regression fitted (see :mod:`mkdt.evaluate.logistic` for the objective and its scaling) and the test
+accuracy recorded.
+
+Protocols:
+  ``paper``      the authors': raw features, uniform random labelled subset, LBFGS stopped after 20
+                 iterations (fixed step, no line search), reg 1e-3 on the weights.
+  ``converged``  standardised features (train-subset statistics), stratified labelled subset (every
+                 class present), strong-Wolfe LBFGS run until the gradient's largest entry is below
+                 the tolerance (or the iteration cap; the final gradient is recorded).
+
+A probe that predicts one class for >= 90% of the test examples is flagged ``collapsed``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from mkdt.artifacts import RunDir, StageDir, load_json, save_json
+from mkdt.config import StageConfig, to_dict
+from mkdt.data import DataConfig, ImageSet, labelled_split, load_dataset
+from mkdt.errors import MkdtError
+from mkdt.evaluate.features import Encoder, adapt, cached_features, extract_features, load_encoder
+from mkdt.evaluate.logistic import fit_logistic
+from mkdt.runtime import Meter, derive_seed, resolve_device
+
+PROTOCOLS = ("paper", "converged")
+SPLIT_MODE = {"paper": "uniform", "converged": "stratified"}
+
+
+@dataclasses.dataclass
+class ProbeConfig(StageConfig):
+    """Encoder file, downstream sets and the probe protocols/fractions/seeds to run."""
+
+    encoder: str | None = None  # None = <out>/pretrain/<name>/encoder.safetensors
+    name: str | None = None  # results folder <out>/probe/<name>; default: the encoder's folder name
+    downstream: list[DataConfig] = dataclasses.field(default_factory=lambda: [DataConfig(name="digits")])
+    train_split: str = "train"
+    test_split: str = "test"
+    protocols: list[str] = dataclasses.field(default_factory=lambda: ["paper", "converged"])
+    percents: list[float] = dataclasses.field(default_factory=lambda: [1.0, 5.0, 10.0, 50.0])
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    reg: float = 1e-3  # L2 weight on ||W||^2 added to the mean cross-entropy
+    paper_iterations: int = 20
+    converged_max_iterations: int = 2000
+    converged_tolerance: float = 1e-5  # max |gradient entry| at convergence
+    feature_batch_size: int = 512
+    collapse_threshold: float = 0.9
+
+
+# ----------------------------------------------------------------------------------------------
+# config checks and names
+# ----------------------------------------------------------------------------------------------
+def check_config(cfg: ProbeConfig) -> None:
+    bad = [p for p in cfg.protocols if p not in PROTOCOLS]
+    if bad or not cfg.protocols:
+        raise MkdtError(f"probe protocols must be a non-empty list of {', '.join(PROTOCOLS)}, got {cfg.protocols}")
+    for p in cfg.percents:
+        if not 0 < p <= 100:
+            raise MkdtError(f"probe percents must be in (0, 100], got {p}")
+    if not cfg.percents or not cfg.seeds or not cfg.downstream:
+        raise MkdtError("probe needs at least one downstream set, percent and seed")
+    if cfg.reg < 0 or cfg.paper_iterations < 1 or cfg.converged_max_iterations < 1:
+        raise MkdtError("probe reg must be >= 0 and the iteration counts >= 1")
+    if not 0 < cfg.collapse_threshold <= 1:
+        raise MkdtError(f"probe collapse_threshold must be in (0, 1], got {cfg.collapse_threshold}")
+
+
+def encoder_path(cfg: ProbeConfig) -> Path:
+    if cfg.encoder:
+        return Path(cfg.encoder)
+    return Path(cfg.out) / "pretrain" / (cfg.name or "distilled") / "encoder.safetensors"
+
+
+def probe_name(cfg: ProbeConfig, path: Path) -> str:
+    name = cfg.name or (path.parent.name if path.name == "encoder.safetensors" else path.stem)
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "encoder"
+
+
+def downstream_label(cfg: DataConfig) -> str:
+    """A readable key for a downstream set: the source name, or the root's name for folders/archives."""
+    if cfg.root:
+        base = Path(cfg.root).name
+        for suffix in (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar"):
+            if base.lower().endswith(suffix):
+                base = base[: -len(suffix)]
+                break
+        return base or cfg.name
+    return cfg.name
+
+
+def unique_labels(configs: list[DataConfig]) -> list[str]:
+    labels: list[str] = []
+    for cfg in configs:
+        label = downstream_label(cfg)
+        if label in labels:
+            k = 2
+            while f"{label}#{k}" in labels:
+                k += 1
+            label = f"{label}#{k}"
+        labels.append(label)
+    return labels
+
+
+def percent_key(p: float) -> str:
+    """``1.0 -> "1"``, ``2.5 -> "2.5"``: JSON keys that read like the paper's fractions."""
+    return str(int(p)) if float(p).is_integer() else repr(float(p))
+
+
+def run_key(label: str, protocol: str, percent: float, seed: int) -> str:
+    return f"{label}|{protocol}|{percent_key(percent)}|{seed}"
+
+
+# ----------------------------------------------------------------------------------------------
+# data and features
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Split:
+    features: torch.Tensor
+    labels: torch.Tensor
+
+
+def load_split_set(cfg: DataConfig, split: str, encoder: Encoder) -> ImageSet:
+    data = load_dataset(cfg, split=split)
+    if data.labels is None:
+        raise MkdtError(f"downstream {cfg.name} split '{split}' has no labels; a probe needs labelled data")
+    return adapt(data, encoder.in_channels, encoder.resolution)
+
+
+def split_features(cfg: ProbeConfig, data_cfg: DataConfig, split: str, encoder: Encoder, stage: StageDir) -> Split:
+    data = load_split_set(data_cfg, split, encoder)
+
+    def compute() -> torch.Tensor:
+        return extract_features(encoder.model, data.images, encoder.mean, encoder.std,
+                                batch_size=cfg.feature_batch_size, desc=f"features {data.name}")
+
+    feats, _ = cached_features(stage / "features", encoder.digest, data, compute)
+    assert data.labels is not None
+    return Split(feats, data.labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# one evaluation
+# ----------------------------------------------------------------------------------------------
+def split_digest(indices: torch.Tensor) -> str:
+    return hashlib.sha256(indices.to(torch.int64).numpy().tobytes()).hexdigest()[:12]
+
+
+def majority_fraction(pred: torch.Tensor, num_classes: int) -> float:
+    return float(torch.bincount(pred.cpu(), minlength=num_classes).max()) / max(1, len(pred))
+
+
+def evaluate_one(cfg: ProbeConfig, train: Split, test: Split, num_classes: int, protocol: str, percent: float,
+                 seed: int, device: torch.device) -> dict[str, Any]:
+    """Draw the labelled subset, fit the probe under ``protocol`` and score it on the test split."""
+    mode = SPLIT_MODE[protocol]
+    idx = labelled_split(train.labels, percent, derive_seed(cfg.seed, "labelled", mode, percent_key(percent), seed),
+                         mode=mode)
+    x = train.features[idx].to(device)
+    y = train.labels[idx].to(device)
+    if protocol == "paper":
+        fit = fit_logistic(x, y, num_classes, reg=cfg.reg, max_iter=cfg.paper_iterations)
+    else:
+        fit = fit_logistic(x, y, num_classes, reg=cfg.reg, max_iter=cfg.converged_max_iterations,
+                           line_search="strong_wolfe", standardise=True, tolerance_grad=cfg.converged_tolerance,
+                           tolerance_change=1e-12)
+    record: dict[str, Any] = {"protocol": protocol, "percent": float(percent), "seed": int(seed),
+                              "train_size": int(len(idx)), "classes_seen": int(torch.unique(y).numel()),
+                              "split_digest": split_digest(idx), "iterations": fit.iterations,
+                              "grad_max": fit.grad_max if math.isfinite(fit.grad_max) else None,
+                              "loss": fit.loss if math.isfinite(fit.loss) else None}
+    if not fit.finite:
+        record.update(accuracy=None, diverged=True, collapsed=False, majority_fraction=None)
+        return record
+    pred = torch.cat([fit.predict(chunk.to(device)).cpu() for chunk in test.features.split(8192)])
+    accuracy = 100.0 * float((pred == test.labels).float().mean())
+    share = majority_fraction(pred, num_classes)
+    record.update(accuracy=accuracy, diverged=False, majority_fraction=share,
+                  collapsed=share >= cfg.collapse_threshold)
+    if protocol == "converged":
+        record["converged"] = fit.grad_max <= cfg.converged_tolerance
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
+# summaries
+# ----------------------------------------------------------------------------------------------
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof 1; 0 for a single value)."""
+    if not values:
+        return None, None
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{downstream: {protocol: {percent: {mean, std, n, accuracies, collapsed, diverged}}}}``."""
+    out: dict[str, Any] = {}
+    for r in runs:
+        cell = (out.setdefault(r["downstream"], {}).setdefault(r["protocol"], {})
+                .setdefault(percent_key(r["percent"]), {"accuracies": [], "seeds": [], "collapsed": False,
+                                                        "diverged": False}))
+        cell["seeds"].append(r["seed"])
+        if r.get("accuracy") is not None:
+            cell["accuracies"].append(r["accuracy"])
+        cell["collapsed"] = cell["collapsed"] or bool(r.get("collapsed"))
+        cell["diverged"] = cell["diverged"] or bool(r.get("diverged"))
+    for by_protocol in out.values():
+        for by_percent in by_protocol.values():
+            for cell in by_percent.values():
+                cell["mean"], cell["std"] = mean_std(cell["accuracies"])
+                cell["n"] = len(cell["accuracies"])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the stage
+# ----------------------------------------------------------------------------------------------
+def load_partial(stage: StageDir, digest: str, cfg_dict: dict) -> dict[str, dict]:
+    """Finished evaluations of an interrupted run (same encoder file and config), keyed by run key."""
+    path = stage / "partial.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = load_json(path)
+    except MkdtError:
+        return {}
+    if data.get("encoder_digest") != digest or data.get("config") != cfg_dict:
+        return {}
+    return dict(data.get("runs", {}))
+
+
+def probe(config: ProbeConfig) -> dict:
+    """Probe one encoder on every downstream set / protocol / percent / seed; writes ``results.json``."""
+    check_config(config)
+    path = encoder_path(config)
+    device = resolve_device(config.device)
+    encoder = load_encoder(path, device)
+    name = probe_name(config, path)
+    stage = RunDir(config.out).stage(f"probe/{name}")
+    cfg_dict = to_dict(config)
+    record = stage.record() if stage.is_done(cfg_dict) else None
+    if record and record.get("encoder_digest") == encoder.digest and (stage / "results.json").is_file():
+        return load_json(stage / "results.json")
+    stage.invalidate()
+    stage.save_config(config)
+    for stale in (stage / "features").glob("*.safetensors"):  # features of an earlier encoder under this name
+        if not stale.name.startswith(encoder.digest + "_"):
+            stale.unlink()
+    done = load_partial(stage, encoder.digest, cfg_dict)
+    labels = unique_labels(list(config.downstream))
+    total = len(labels) * len(config.protocols) * len(config.percents) * len(config.seeds)
+    bar = tqdm(total=total, desc=f"probe {name}", disable=None, leave=False)
+    with Meter() as meter:
+        for label, data_cfg in zip(labels, config.downstream):
+            keys = [run_key(label, p, q, s) for p in config.protocols for q in config.percents for s in config.seeds]
+            if all(k in done for k in keys):
+                bar.update(len(keys))
+                continue
+            train = split_features(config, data_cfg, config.train_split, encoder, stage)
+            test = split_features(config, data_cfg, config.test_split, encoder, stage)
+            num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+            for protocol in config.protocols:
+                for percent in config.percents:
+                    for seed in config.seeds:
+                        key = run_key(label, protocol, percent, seed)
+                        if key not in done:
+                            run = evaluate_one(config, train, test, num_classes, protocol, percent, seed, device)
+                            done[key] = {"downstream": label, **run}
+                            save_json(stage / "partial.json", {"encoder_digest": encoder.digest, "config": cfg_dict,
+                                                               "runs": done})
+                        bar.update(1)
+    bar.close()
+    runs = [done[run_key(lab, p, q, s)] for lab in labels for p in config.protocols for q in config.percents
+            for s in config.seeds]
+    results = {
+        "name": name, "encoder": str(path), "encoder_digest": encoder.digest,
+        "encoder_meta": encoder.meta,
+        "downstream": {lab: to_dict(c) for lab, c in zip(labels, config.downstream)},
+        "protocols": protocol_descriptions(config), "percents": [float(p) for p in config.percents],
+        "seeds": list(config.seeds), "std_ddof": 1, "runs": runs, "summary": summarise(runs),
+        "measure": meter.as_dict(),
+    }
+    save_json(stage / "results.json", results)
+    stage.finish(cfg_dict, encoder_digest=encoder.digest, results=str(stage / "results.json"))
+    (stage / "partial.json").unlink(missing_ok=True)
+    return results
+
+
+def protocol_descriptions(cfg: ProbeConfig) -> dict[str, dict[str, Any]]:
+    """What each protocol did, in the results file, so a table can never be misread."""
+    objective = "mean cross-entropy + reg * ||W||_F^2 (bias unpenalised); sklearn C = 1 / (2 * n * reg)"
+    return {
+        "paper": {"split": "uniform", "features": "raw", "optimizer": "LBFGS lr 1, no line search",
+                  "max_iterations": cfg.paper_iterations, "reg": cfg.reg, "objective": objective},
+        "converged": {"split": "stratified", "features": "standardised (labelled-subset mean/std)",
+                      "optimizer": "LBFGS strong-Wolfe", "max_iterations": cfg.converged_max_iterations,
+                      "tolerance": cfg.converged_tolerance, "reg": cfg.reg, "objective": objective},
+    }
