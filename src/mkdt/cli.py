@@ -86,11 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mkdt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("list", help="list data sources, models and presets")
+    for name, text in (("run", "run the whole pipeline from a run document (--config FILE or --preset)"),
+                       ("demo", "the whole pipeline on the embedded digits set (no download, a few minutes)")):
+        p = sub.add_parser(name, help=text, description=text)
+        _add_common(p)
     for name, cmd in COMMANDS.items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)
         _add_common(p)
         for flag, (dest, text) in cmd.flags.items():
             p.add_argument(flag, dest=f"flag_{dest}", help=text)
+        if name == "distill":
+            p.add_argument("--method", choices=("mkdt", "krr-st"), default="mkdt",
+                           help="mkdt (trajectory matching, default) or krr-st (the KRR-ST baseline)")
     return parser
 
 
@@ -117,6 +124,21 @@ def _list() -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from mkdt.pipeline import run_from_cli
+
+    preset = args.preset or ("demo" if args.command == "demo" else None)
+    out = args.out or ("runs/demo" if args.command == "demo" and not args.config else None)
+    values = {"seed": args.seed, "device": args.device, "out": out}
+    state = run_from_cli(preset, args.config, [*args.overrides, *args.extra], values, args.print_config)
+    report = state.get("report", {})
+    if report.get("markdown"):
+        from pathlib import Path
+
+        print(Path(report["markdown"]).read_text("utf-8"))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -126,7 +148,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "list":
             return _list()
-        cmd = COMMANDS[args.command]
+        if args.command in ("run", "demo"):
+            return _run(args)
+        name = args.command
+        if name == "distill" and args.method == "krr-st":
+            name = "distill-krr-st"
+        cmd = COMMANDS[name]
         config = resolve_stage_config(cmd, args)
         if args.print_config:
             from mkdt.config import dump_yaml

@@ -198,19 +198,28 @@ def resolve(
     files: Iterable[str | Path] = (),
     overrides: Iterable[str] = (),
     values: Mapping[str, Any] | None = None,
+    docs: Iterable[Mapping[str, Any]] = (),
 ) -> T:
-    """Resolve a config: defaults < preset < files < ``values`` < ``key=value`` overrides.
+    """Resolve a config: defaults < preset < files < ``docs`` < ``values`` < ``key=value`` overrides.
 
     ``section``: presets and files may hold several stages' settings; if the top level has a mapping
     under ``section`` it is merged over the top-level keys that belong to ``cls``. Top-level keys that
     belong to other stages are ignored in files and presets, but never in ``overrides``.
     """
     names = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     tree: dict = {}
+
+    def takes_mapping(name: str) -> bool:
+        tp = _unwrap_optional(hints[name])
+        return dataclasses.is_dataclass(tp) or tp is dict or typing.get_origin(tp) is dict
 
     def absorb(doc: Mapping) -> None:
         nonlocal tree
-        own = {k: v for k, v in doc.items() if k in names}
+        # A top-level mapping under a scalar field's name is another stage's section (e.g. ``teacher:``
+        # in a run document vs the ``teacher`` path of the targets stage): not this config's value.
+        own = {k: v for k, v in doc.items()
+               if k in names and (not isinstance(v, Mapping) or takes_mapping(k))}
         tree = merge(tree, own)
         if section and isinstance(doc.get(section), Mapping):
             tree = merge(tree, doc[section])
@@ -219,6 +228,8 @@ def resolve(
         absorb(read_preset(preset, section))
     for f in files:
         absorb(read_yaml(f))
+    for doc in docs:
+        absorb(doc)
     if values:
         tree = merge(tree, {k: v for k, v in values.items() if v is not None})
     for text in overrides:
