@@ -1,0 +1,241 @@
+"""``mkdt run`` / ``mkdt demo``: the whole pipeline in one run directory, composed from the stages.
+
+teacher (or imported) -> targets -> experts -> initial sets -> distillation -> baselines -> pre-training
+and linear probes for every method -> report. The pipeline holds no stage logic: it resolves each
+stage's typed config from one YAML document (a section per stage, shared top-level keys such as
+``data``, ``seed``, ``device``, ``out``), calls the stage function, and keeps ``pipeline.json`` with a
+chained digest per step: when a step's configuration (or anything before it) changes, that step's old
+folder is moved aside to ``<folder>.stale`` and the step and everything after it are redone.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from mkdt.artifacts import config_digest, load_json, save_json
+from mkdt.config import merge, parse_override, read_preset, read_yaml, resolve, to_dict
+from mkdt.errors import MkdtError
+from mkdt.runtime import Meter
+
+METHODS = ("none", "random", "high_loss", "sas", "krr_st", "mkdt_random_init", "mkdt", "full")
+
+
+@dataclass
+class RunSettings:
+    """The ``run:`` section: which methods to evaluate (names as in the benchmark JSON)."""
+
+    methods: list[str] = field(default_factory=lambda: ["none", "random", "high_loss", "mkdt"])
+    report: bool = True
+
+
+@dataclass
+class Step:
+    """One call of a stage function with its resolved config."""
+
+    name: str  # unique within the run, e.g. "pretrain/mkdt"
+    module: str
+    config_class: str
+    function: str
+    section: str
+    values: dict[str, Any] = field(default_factory=dict)  # fixed by the pipeline (kind, source, ...)
+    folders: tuple[str, ...] = ()  # folders under out that hold this step's outputs
+    after: tuple[str, ...] = ()  # steps whose outputs this step reads
+
+
+def _split_overrides(overrides: list[str]) -> dict:
+    tree: dict = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        node = tree
+        parts = key.split(".")
+        for k in parts[:-1]:
+            node = node.setdefault(k, {})
+        node[parts[-1]] = value
+    return tree
+
+
+def load_run_document(preset: str | None, files: list[str], overrides: list[str],
+                      values: Mapping[str, Any]) -> dict:
+    """preset < files < command-line overrides < flags (--seed/--device/--out) as one mapping."""
+    doc: dict = {}
+    if preset:
+        doc = merge(doc, read_preset(preset))
+    for f in files:
+        doc = merge(doc, read_yaml(f))
+    doc = merge(doc, _split_overrides(overrides))
+    doc = merge(doc, {k: v for k, v in values.items() if v is not None})
+    return doc
+
+
+PRETRAIN_INPUT = {"none": (), "full": ("targets",), "random": ("init",), "high_loss": ("init",),
+                  "sas": ("subset/sas",), "krr_st": ("krr_st",), "mkdt": ("distill",),
+                  "mkdt_random_init": ("distill/random_init",)}
+
+
+def _pretrain_step(method: str, out: Path, distilled: Callable[[str], str]) -> Step:
+    kinds = {
+        "none": dict(kind="none"),
+        "full": dict(kind="full"),
+        "random": dict(kind="subset", source=str(out / "init" / "random.safetensors")),
+        "high_loss": dict(kind="subset", source=str(out / "init" / "high_loss.safetensors")),
+        "sas": dict(kind="subset", source=str(out / "subsets" / "sas.safetensors")),
+        "krr_st": dict(kind="subset", source=distilled("krr_st")),
+        "mkdt": dict(kind="distilled", source=distilled("mkdt")),
+        "mkdt_random_init": dict(kind="distilled", source=distilled("mkdt_random_init")),
+    }
+    values = {"name": method, **kinds[method]}
+    return Step(f"pretrain/{method}", "mkdt.evaluate", "PretrainConfig", "pretrain", "pretrain", values,
+                (f"pretrain/{method}",), PRETRAIN_INPUT[method])
+
+
+def plan(doc: Mapping[str, Any]) -> tuple[RunSettings, Path, list[Step]]:
+    """The ordered steps for a run document."""
+    settings = resolve(RunSettings, section="run", docs=[{}],
+                       values=dict(doc.get("run", {})) if isinstance(doc.get("run"), Mapping) else None)
+    unknown = [m for m in settings.methods if m not in METHODS]
+    if unknown:
+        raise MkdtError(f"run.methods: unknown method '{unknown[0]}'; choose from {', '.join(METHODS)}")
+    out = Path(str(doc.get("out", "runs/default")))
+    methods = settings.methods
+    needs_experts = any(m in methods for m in ("random", "high_loss", "mkdt", "mkdt_random_init"))
+
+    def distilled(method: str) -> str:
+        folder = {"mkdt": out / "distill", "mkdt_random_init": out / "mkdt_random_init" / "distill",
+                  "krr_st": out / "krr_st"}[method]
+        return f"@stage:{folder}"  # resolved after the step has run (file name = number of updates)
+
+    steps = [
+        Step("teacher", "mkdt.teacher", "TeacherConfig", "train_teacher", "teacher", folders=("teacher",)),
+        Step("targets", "mkdt.teacher", "TargetsConfig", "compute_targets", "targets", folders=("targets",),
+             after=("teacher",)),
+    ]
+    if needs_experts:
+        steps += [
+            Step("experts", "mkdt.experts", "ExpertsConfig", "train_experts", "experts", folders=("experts",),
+                 after=("targets",)),
+            Step("init", "mkdt.experts", "InitConfig", "select_initial_set", "init", folders=("init",),
+                 after=("experts", "targets")),
+        ]
+    if "mkdt" in methods:
+        steps.append(Step("distill", "mkdt.distill", "DistillConfig", "distill", "distill",
+                          {"init": "high_loss"}, ("distill",), ("init", "experts")))
+    if "mkdt_random_init" in methods:
+        steps.append(Step("distill/random_init", "mkdt.distill", "DistillConfig", "distill", "distill",
+                          {"init": str(out / "init" / "random.safetensors"),
+                           "experts_dir": str(out / "experts"), "out": str(out / "mkdt_random_init")},
+                          ("mkdt_random_init",), ("init", "experts")))
+    if "sas" in methods:
+        steps.append(Step("subset/sas", "mkdt.baselines", "SubsetConfig", "select_subset", "subset",
+                          {"method": "sas", "name": "sas"}, ("subsets",), ("targets",)))
+    if "krr_st" in methods:
+        steps.append(Step("krr_st", "mkdt.baselines", "KrrStConfig", "distill_krr_st", "krr_st",
+                          folders=("krr_st",), after=("targets",)))
+    for method in methods:
+        steps.append(_pretrain_step(method, out, distilled))
+        steps.append(Step(f"probe/{method}", "mkdt.evaluate", "ProbeConfig", "probe", "probe",
+                          {"name": method, "encoder": str(out / "pretrain" / method / "encoder.safetensors")},
+                          (f"probe/{method}",), (f"pretrain/{method}",)))
+    return settings, out, steps
+
+
+def _resolve_stage_file(value: Any) -> Any:
+    """``@stage:<folder>`` -> the artifact file named in that stage's ``stage.json``."""
+    if not (isinstance(value, str) and value.startswith("@stage:")):
+        return value
+    folder = Path(value[len("@stage:"):])
+    record = load_json(folder / "stage.json")
+    name = record.get("file") or record.get("summary", {}).get("file")
+    if not name:
+        raise MkdtError(f"{folder / 'stage.json'}: names no output file; re-run that stage")
+    return str(folder / name)
+
+
+def step_config(step: Step, doc: Mapping[str, Any], resolve_files: bool = True) -> Any:
+    cls = getattr(importlib.import_module(step.module), step.config_class)
+    values = {k: _resolve_stage_file(v) if resolve_files else v for k, v in step.values.items()}
+    return resolve(cls, section=step.section, docs=[doc], values=values)
+
+
+def _move_aside(out: Path, folders: tuple[str, ...], log: Callable[[str], None]) -> None:
+    for rel in folders:
+        folder = out / rel
+        if folder.exists():
+            stale = folder.with_name(folder.name + ".stale")
+            if stale.exists():
+                shutil.rmtree(stale)
+            folder.rename(stale)
+            log(f"  moved the old outputs to {stale}")
+
+
+def run_pipeline(doc: Mapping[str, Any], log: Callable[[str], None] = print) -> dict:
+    """Run (or resume) every step of a run document; returns the summary written to pipeline.json.
+
+    Each step's key digests its own resolved config and the keys of the steps it reads from, so a
+    change redoes exactly that step and the steps that depend on it.
+    """
+    settings, out, steps = plan(doc)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "pipeline.json"
+    state = load_json(state_path) if state_path.is_file() else {"steps": {}}
+    keys: dict[str, str] = {}
+    redone: set[str] = set()
+    t_start = time.perf_counter()
+    for i, step in enumerate(steps, 1):
+        prefix = f"[{i}/{len(steps)}] {step.name}"
+        # Inputs named "@stage:<folder>" are digested as that placeholder; their file is read at run time.
+        key = config_digest({"step": step.name, "config": to_dict(step_config(step, doc, resolve_files=False)),
+                             "inputs": {dep: keys.get(dep, "") for dep in step.after}})
+        keys[step.name] = key
+        previous = state["steps"].get(step.name, {})
+        if previous.get("key") and previous["key"] != key:
+            changed_inputs = [dep for dep in step.after if dep in redone]
+            why = f"its input {changed_inputs[0]} was redone" if changed_inputs else "its configuration changed"
+            log(f"{prefix}: {why}; redoing it and the steps that depend on it")
+            _move_aside(out, step.folders, log)
+            previous = {}
+        finished = previous.get("key") == key and previous.get("finished")
+        log(f"{prefix}: {'done before' if finished else 'running'}")
+        if not finished:
+            redone.add(step.name)
+            # remember the key now, so a change to an interrupted step is detected too
+            state["steps"][step.name] = {"key": key, "finished": False}
+            save_json(state_path, state)
+        function = getattr(importlib.import_module(step.module), step.function)
+        with Meter() as meter:
+            result = function(step_config(step, doc))
+        entry = {"key": key, "finished": True, "summary": (result or {}).get("summary", {}),
+                 "measure": previous.get("measure") if finished and previous.get("measure") else meter.as_dict()}
+        state["steps"][step.name] = entry
+        save_json(state_path, state)
+    state["order"] = [step.name for step in steps]
+    state["methods"] = settings.methods
+    state["seconds"] = round(time.perf_counter() - t_start, 2)
+    save_json(state_path, state)
+    if settings.report:
+        from mkdt.report import write_report
+
+        paths = write_report(out, state)
+        state["report"] = {k: str(v) for k, v in paths.items()}
+        log(f"report: {paths['html']}")
+    return state
+
+
+def run_from_cli(preset: str | None, files: list[str], overrides: list[str], values: Mapping[str, Any],
+                 print_config: bool = False) -> dict:
+    doc = load_run_document(preset, files, overrides, values)
+    if not files and not preset:
+        raise MkdtError("mkdt run needs --config FILE (a run document) or --preset NAME (e.g. demo)")
+    if print_config:
+        import yaml
+
+        print(yaml.safe_dump(doc, sort_keys=False), end="")
+        return {}
+    return run_pipeline(doc)
+
+
+__all__ = ["RunSettings", "Step", "plan", "run_pipeline", "load_run_document", "run_from_cli"]
