@@ -162,7 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         function = getattr(importlib.import_module(cmd.module), cmd.function)
         result = function(config)
-        if isinstance(result, dict) and result.get("summary"):
+        from mkdt.distributed import is_main_process
+
+        if is_main_process() and isinstance(result, dict) and result.get("summary"):
             print(json.dumps(result["summary"], indent=2, default=str))
         return 0
     except MkdtError as exc:

@@ -227,6 +227,11 @@ def run_pipeline(doc: Mapping[str, Any], log: Callable[[str], None] = print) -> 
 
 def run_from_cli(preset: str | None, files: list[str], overrides: list[str], values: Mapping[str, Any],
                  print_config: bool = False) -> dict:
+    from mkdt.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
+        raise MkdtError("mkdt run/demo is single-process for now; launch the stages themselves with torchrun "
+                        "(see docs/distributed.md)")
     doc = load_run_document(preset, files, overrides, values)
     if not files and not preset:
         raise MkdtError("mkdt run needs --config FILE (a run document) or --preset NAME (e.g. demo)")

@@ -22,15 +22,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from mkdt.artifacts import (RunDir, TensorSpec, config_digest, load_json, load_tensors, read_metadata, save_json,
-                            save_tensors)
+from mkdt.artifacts import RunDir, TensorSpec, config_digest, load_tensors, read_metadata, save_json, save_tensors
 from mkdt.config import StageConfig, to_dict
 from mkdt.data import DataConfig, ImageSet, labelled_split, load_dataset, normalize
 from mkdt.errors import MkdtError
 from mkdt.evaluate.features import Encoder, adapt, load_encoder
-from mkdt.evaluate.probing import (encoder_path, majority_fraction, percent_key, probe_name, summarise,
-                                   unique_labels)
-from mkdt.runtime import Meter, derive_seed, generator, resolve_device, seeded
+from mkdt.distributed import (DistContext, barrier, broadcast_object, gather_records, init_distributed,
+                              is_main_process, shard)
+from mkdt.evaluate.probing import (encoder_path, load_partial, majority_fraction, percent_key, previous_results,
+                                   probe_name, remove_partial, save_partial, summarise, unique_labels)
+from mkdt.runtime import Meter, derive_seed, generator, seeded
 
 
 @dataclasses.dataclass
@@ -156,7 +157,8 @@ def train_classifier(cfg: FinetuneConfig, model: Classifier, images: torch.Tenso
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     step, order, losses = load_checkpoint(ckpt, model, opt, gen, cfg.batch_size) if ckpt.is_file() else (0, [], [])
     model.train()
-    bar = tqdm(total=cfg.iterations, initial=step, desc=desc, disable=None, leave=False)
+    bar = tqdm(total=cfg.iterations, initial=step, desc=desc, disable=None if is_main_process() else True,
+               leave=False)
     while step < cfg.iterations:
         if not order:
             order = list(torch.randperm(len(images), generator=gen).split(cfg.batch_size))
@@ -221,60 +223,81 @@ def finetune_one(cfg: FinetuneConfig, path: Path, encoder: Encoder, train: Image
             "collapsed": share >= cfg.collapse_threshold, "diverged": False, "losses": losses}
 
 
+def prepare_sets(cfg: FinetuneConfig, pending: list[str], encoder: Encoder, ctx: DistContext) -> None:
+    """Under torchrun, rank 0 loads (and, with ``download``, fetches/caches) each pending set before the
+    other ranks touch it, so no two processes write the same data files at once."""
+    if not ctx.distributed:
+        return
+    if ctx.is_main:
+        for label, data_cfg in zip(unique_labels(list(cfg.downstream)), cfg.downstream):
+            if label in pending:
+                load_sets(cfg, data_cfg, encoder)
+    barrier(ctx)
+
+
 def finetune(config: FinetuneConfig) -> dict:
-    """Fine-tune the encoder on every downstream set / percent / seed; writes ``results.json``."""
+    """Fine-tune the encoder on every downstream set / percent / seed; writes ``results.json``.
+
+    Launched by torchrun, the (set, percent, seed) runs are shared round-robin between the ranks
+    (each on its own device, each with its own checkpoint file) and gathered to rank 0, which alone
+    writes the results.
+    """
     check_config(config)
+    ctx = init_distributed(config.device)
     path = encoder_path(config)  # type: ignore[arg-type]
-    device = resolve_device(config.device)
+    device = ctx.device
     encoder = load_encoder(path, device)
     name = probe_name(config, path)  # type: ignore[arg-type]
     stage = RunDir(config.out).stage(f"finetune/{name}")
     cfg_dict = to_dict(config)
-    record = stage.record() if stage.is_done(cfg_dict) else None
-    if record and record.get("encoder_digest") == encoder.digest and (stage / "results.json").is_file():
-        return load_json(stage / "results.json")
-    stage.invalidate()
-    stage.save_config(config)
-    partial = stage / "partial.json"
-    done: dict[str, dict] = {}
-    if partial.is_file():
-        data = load_json(partial)
-        if data.get("encoder_digest") == encoder.digest and data.get("config") == cfg_dict:
-            done = dict(data.get("runs", {}))
-    labels = unique_labels(list(config.downstream))
+    finished = previous_results(stage, cfg_dict, encoder.digest, ctx)
+    if finished is not None:
+        return finished
     ckpt_dir = stage / "checkpoints" / f"{config_digest(cfg_dict)}_{encoder.digest}"
-    for old in (stage / "checkpoints").glob("*"):  # checkpoints of another config/encoder cannot be resumed
-        if old != ckpt_dir and old.is_dir():
-            shutil.rmtree(old)
+    done: dict[str, dict] = {}
+    if ctx.is_main:
+        stage.invalidate()
+        stage.save_config(config)
+        done = load_partial(stage, encoder.digest, cfg_dict)
+        for old in (stage / "checkpoints").glob("*"):  # checkpoints of another config/encoder cannot be resumed
+            if old != ckpt_dir and old.is_dir():
+                shutil.rmtree(old)
+    done = broadcast_object(done, ctx)
+    labels = unique_labels(list(config.downstream))
+    jobs = [(lab, p, s) for lab in labels for p in config.percents for s in config.seeds
+            if f"{lab}|{percent_key(p)}|{s}" not in done]
+    mine = shard(jobs, ctx)
+    new: dict[str, dict] = {}
     with Meter() as meter:
+        prepare_sets(config, sorted({job[0] for job in jobs}), encoder, ctx)
         for label, data_cfg in zip(labels, config.downstream):
-            keys = [f"{label}|{percent_key(p)}|{s}" for p in config.percents for s in config.seeds]
-            if all(k in done for k in keys):
+            todo = [job for job in mine if job[0] == label]
+            if not todo:
                 continue
             train, test = load_sets(config, data_cfg, encoder)
-            for percent in config.percents:
-                for seed in config.seeds:
-                    key = f"{label}|{percent_key(percent)}|{seed}"
-                    if key in done:
-                        continue
-                    done[key] = finetune_one(config, path, encoder, train, test, label, percent, seed, device, ckpt_dir)
-                    save_json(partial, {"encoder_digest": encoder.digest, "config": cfg_dict, "runs": done})
-    runs = [done[f"{lab}|{percent_key(p)}|{s}"] for lab in labels for p in config.percents for s in config.seeds]
-    results = {
-        "name": name, "encoder": str(path), "encoder_digest": encoder.digest, "encoder_meta": encoder.meta,
-        "downstream": {lab: to_dict(c) for lab, c in zip(labels, config.downstream)},
-        "protocols": {"finetune": {"optimizer": f"SGD lr {config.lr} momentum {config.momentum} wd "
-                                                f"{config.weight_decay}, cosine", "iterations": config.iterations,
-                                   "batch_size": config.batch_size, "augmentation":
-                                       f"random crop (padding {config.crop_padding}) + flip" if config.flip else
-                                       f"random crop (padding {config.crop_padding})", "split": config.split_mode}},
-        "percents": [float(p) for p in config.percents], "seeds": list(config.seeds), "std_ddof": 1,
-        "runs": runs, "summary": summarise(runs), "measure": meter.as_dict(),
-    }
-    save_json(stage / "results.json", results)
-    stage.finish(cfg_dict, encoder_digest=encoder.digest, results=str(stage / "results.json"))
-    partial.unlink(missing_ok=True)
-    shutil.rmtree(stage / "checkpoints", ignore_errors=True)
-    return results
-
-
+            for _, percent, seed in todo:
+                new[f"{label}|{percent_key(percent)}|{seed}"] = finetune_one(config, path, encoder, train, test, label,
+                                                                            percent, seed, device, ckpt_dir)
+                save_partial(stage, ctx, encoder.digest, cfg_dict, done, new)
+        done.update(gather_records(new, ctx))
+    results = None
+    if ctx.is_main:
+        runs = [done[f"{lab}|{percent_key(p)}|{s}"] for lab in labels for p in config.percents for s in config.seeds]
+        results = {
+            "name": name, "encoder": str(path), "encoder_digest": encoder.digest, "encoder_meta": encoder.meta,
+            "downstream": {lab: to_dict(c) for lab, c in zip(labels, config.downstream)},
+            "protocols": {"finetune": {"optimizer": f"SGD lr {config.lr} momentum {config.momentum} wd "
+                                                    f"{config.weight_decay}, cosine", "iterations": config.iterations,
+                                       "batch_size": config.batch_size, "augmentation":
+                                           f"random crop (padding {config.crop_padding}) + flip" if config.flip else
+                                           f"random crop (padding {config.crop_padding})",
+                                       "split": config.split_mode}},
+            "percents": [float(p) for p in config.percents], "seeds": list(config.seeds), "std_ddof": 1,
+            "runs": runs, "summary": summarise(runs), "measure": {**meter.as_dict(), "world_size": ctx.world_size},
+        }
+        save_json(stage / "results.json", results)
+        stage.finish(cfg_dict, encoder_digest=encoder.digest, results=str(stage / "results.json"),
+                     world_size=ctx.world_size)
+        remove_partial(stage)
+        shutil.rmtree(stage / "checkpoints", ignore_errors=True)
+    return broadcast_object(results, ctx)

@@ -32,10 +32,12 @@ from tqdm import tqdm
 from mkdt.artifacts import RunDir, StageDir, load_json, save_json
 from mkdt.config import StageConfig, to_dict
 from mkdt.data import DataConfig, ImageSet, labelled_split, load_dataset
+from mkdt.distributed import (DistContext, barrier, broadcast_object, gather_records, init_distributed,
+                              progress_disabled, shard)
 from mkdt.errors import MkdtError
 from mkdt.evaluate.features import Encoder, adapt, cached_features, extract_features, load_encoder
 from mkdt.evaluate.logistic import fit_logistic
-from mkdt.runtime import Meter, derive_seed, resolve_device
+from mkdt.runtime import Meter, derive_seed
 
 PROTOCOLS = ("paper", "converged")
 SPLIT_MODE = {"paper": "uniform", "converged": "stratified"}
@@ -231,11 +233,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # the stage
 # ----------------------------------------------------------------------------------------------
-def load_partial(stage: StageDir, digest: str, cfg_dict: dict) -> dict[str, dict]:
-    """Finished evaluations of an interrupted run (same encoder file and config), keyed by run key."""
-    path = stage / "partial.json"
-    if not path.is_file():
-        return {}
+def _read_partial(path: Path, digest: str, cfg_dict: dict) -> dict[str, dict]:
     try:
         data = load_json(path)
     except MkdtError:
@@ -245,61 +243,133 @@ def load_partial(stage: StageDir, digest: str, cfg_dict: dict) -> dict[str, dict
     return dict(data.get("runs", {}))
 
 
+def partial_files(stage: StageDir) -> list[Path]:
+    """``partial.json`` (merged) and ``partial-rank<k>.json`` (one per rank of a torchrun launch)."""
+    return [p for p in [stage / "partial.json", *sorted(stage.path.glob("partial-rank*.json"))] if p.is_file()]
+
+
+def load_partial(stage: StageDir, digest: str, cfg_dict: dict) -> dict[str, dict]:
+    """Finished evaluations of an interrupted run (same encoder file and config), keyed by run key.
+
+    Runs recorded by any rank of an earlier launch count, whatever its number of processes: the
+    per-rank files are merged into ``partial.json`` (written before they are removed).
+    """
+    done: dict[str, dict] = {}
+    files = partial_files(stage)
+    for path in files:
+        done.update(_read_partial(path, digest, cfg_dict))
+    rank_files = [p for p in files if p.name != "partial.json"]
+    if rank_files:
+        save_json(stage / "partial.json", {"encoder_digest": digest, "config": cfg_dict, "runs": done})
+        for path in rank_files:
+            path.unlink(missing_ok=True)
+    return done
+
+
+def save_partial(stage: StageDir, ctx: DistContext, digest: str, cfg_dict: dict, done: dict[str, dict],
+                 new: dict[str, dict]) -> None:
+    """One process: everything in ``partial.json``; under torchrun: this rank's new runs in its own file."""
+    if ctx.distributed:
+        save_json(stage / f"partial-rank{ctx.rank}.json", {"encoder_digest": digest, "config": cfg_dict, "runs": new})
+    else:
+        save_json(stage / "partial.json", {"encoder_digest": digest, "config": cfg_dict, "runs": {**done, **new}})
+
+
+def remove_partial(stage: StageDir) -> None:
+    for path in partial_files(stage):
+        path.unlink(missing_ok=True)
+
+
+def previous_results(stage: StageDir, cfg_dict: dict, digest: str, ctx: DistContext) -> dict | None:
+    """The recorded results of a finished identical run (decided by rank 0, shared with every rank)."""
+    results = None
+    if ctx.is_main:
+        record = stage.record() if stage.is_done(cfg_dict) else None
+        if record and record.get("encoder_digest") == digest and (stage / "results.json").is_file():
+            results = load_json(stage / "results.json")
+    return broadcast_object(results, ctx)
+
+
+def prepare_features(config: ProbeConfig, pending: list[str], encoder: Encoder, stage: StageDir,
+                     ctx: DistContext) -> None:
+    """Under torchrun, rank 0 loads (or downloads) each pending set and writes its feature cache first;
+    the others wait, then read the complete, atomically written files instead of racing to write them."""
+    if not ctx.distributed:
+        return
+    if ctx.is_main:
+        for label, data_cfg in zip(unique_labels(list(config.downstream)), config.downstream):
+            if label in pending:
+                for split in (config.train_split, config.test_split):
+                    split_features(config, data_cfg, split, encoder, stage)
+    barrier(ctx)
+
+
 def probe(config: ProbeConfig) -> dict:
-    """Probe one encoder on every downstream set / protocol / percent / seed; writes ``results.json``."""
+    """Probe one encoder on every downstream set / protocol / percent / seed; writes ``results.json``.
+
+    Launched by torchrun, the (set, protocol, percent, seed) jobs are shared round-robin between the
+    ranks and gathered to rank 0, which alone writes; every job's numbers depend only on its own
+    seeds, so they equal a one-process run's.
+    """
     check_config(config)
+    ctx = init_distributed(config.device)
     path = encoder_path(config)
-    device = resolve_device(config.device)
+    device = ctx.device
     encoder = load_encoder(path, device)
     name = probe_name(config, path)
     stage = RunDir(config.out).stage(f"probe/{name}")
     cfg_dict = to_dict(config)
-    record = stage.record() if stage.is_done(cfg_dict) else None
-    if record and record.get("encoder_digest") == encoder.digest and (stage / "results.json").is_file():
-        return load_json(stage / "results.json")
-    stage.invalidate()
-    stage.save_config(config)
-    for stale in (stage / "features").glob("*.safetensors"):  # features of an earlier encoder under this name
-        if not stale.name.startswith(encoder.digest + "_"):
-            stale.unlink()
-    done = load_partial(stage, encoder.digest, cfg_dict)
+    finished = previous_results(stage, cfg_dict, encoder.digest, ctx)
+    if finished is not None:
+        return finished
+    done: dict[str, dict] = {}
+    if ctx.is_main:
+        stage.invalidate()
+        stage.save_config(config)
+        for stale in (stage / "features").glob("*.safetensors"):  # features of an earlier encoder under this name
+            if not stale.name.startswith(encoder.digest + "_"):
+                stale.unlink()
+        done = load_partial(stage, encoder.digest, cfg_dict)
+    done = broadcast_object(done, ctx)
     labels = unique_labels(list(config.downstream))
-    total = len(labels) * len(config.protocols) * len(config.percents) * len(config.seeds)
-    bar = tqdm(total=total, desc=f"probe {name}", disable=None, leave=False)
+    jobs = [(lab, p, q, s) for lab in labels for p in config.protocols for q in config.percents for s in config.seeds
+            if run_key(lab, p, q, s) not in done]
+    mine = shard(jobs, ctx)
+    bar = tqdm(total=len(mine), desc=f"probe {name}", disable=progress_disabled(ctx), leave=False)
+    new: dict[str, dict] = {}
     with Meter() as meter:
+        prepare_features(config, sorted({job[0] for job in jobs}), encoder, stage, ctx)
         for label, data_cfg in zip(labels, config.downstream):
-            keys = [run_key(label, p, q, s) for p in config.protocols for q in config.percents for s in config.seeds]
-            if all(k in done for k in keys):
-                bar.update(len(keys))
+            todo = [job for job in mine if job[0] == label]
+            if not todo:
                 continue
             train = split_features(config, data_cfg, config.train_split, encoder, stage)
             test = split_features(config, data_cfg, config.test_split, encoder, stage)
             num_classes = int(max(train.labels.max(), test.labels.max())) + 1
-            for protocol in config.protocols:
-                for percent in config.percents:
-                    for seed in config.seeds:
-                        key = run_key(label, protocol, percent, seed)
-                        if key not in done:
-                            run = evaluate_one(config, train, test, num_classes, protocol, percent, seed, device)
-                            done[key] = {"downstream": label, **run}
-                            save_json(stage / "partial.json", {"encoder_digest": encoder.digest, "config": cfg_dict,
-                                                               "runs": done})
-                        bar.update(1)
+            for _, protocol, percent, seed in todo:
+                run = evaluate_one(config, train, test, num_classes, protocol, percent, seed, device)
+                new[run_key(label, protocol, percent, seed)] = {"downstream": label, **run}
+                save_partial(stage, ctx, encoder.digest, cfg_dict, done, new)
+                bar.update(1)
+        done.update(gather_records(new, ctx))
     bar.close()
-    runs = [done[run_key(lab, p, q, s)] for lab in labels for p in config.protocols for q in config.percents
-            for s in config.seeds]
-    results = {
-        "name": name, "encoder": str(path), "encoder_digest": encoder.digest,
-        "encoder_meta": encoder.meta,
-        "downstream": {lab: to_dict(c) for lab, c in zip(labels, config.downstream)},
-        "protocols": protocol_descriptions(config), "percents": [float(p) for p in config.percents],
-        "seeds": list(config.seeds), "std_ddof": 1, "runs": runs, "summary": summarise(runs),
-        "measure": meter.as_dict(),
-    }
-    save_json(stage / "results.json", results)
-    stage.finish(cfg_dict, encoder_digest=encoder.digest, results=str(stage / "results.json"))
-    (stage / "partial.json").unlink(missing_ok=True)
-    return results
+    results = None
+    if ctx.is_main:
+        runs = [done[run_key(lab, p, q, s)] for lab in labels for p in config.protocols for q in config.percents
+                for s in config.seeds]
+        results = {
+            "name": name, "encoder": str(path), "encoder_digest": encoder.digest,
+            "encoder_meta": encoder.meta,
+            "downstream": {lab: to_dict(c) for lab, c in zip(labels, config.downstream)},
+            "protocols": protocol_descriptions(config), "percents": [float(p) for p in config.percents],
+            "seeds": list(config.seeds), "std_ddof": 1, "runs": runs, "summary": summarise(runs),
+            "measure": {**meter.as_dict(), "world_size": ctx.world_size},
+        }
+        save_json(stage / "results.json", results)
+        stage.finish(cfg_dict, encoder_digest=encoder.digest, results=str(stage / "results.json"),
+                     world_size=ctx.world_size)
+        remove_partial(stage)
+    return broadcast_object(results, ctx)
 
 
 def protocol_descriptions(cfg: ProbeConfig) -> dict[str, dict[str, Any]]:
