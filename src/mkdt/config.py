@@ -8,6 +8,7 @@ fields so a typo is an error rather than a silently ignored setting, and saved b
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from importlib import resources
@@ -19,6 +20,7 @@ import yaml
 from mkdt.errors import MkdtError
 
 T = TypeVar("T")
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def to_dict(config: Any) -> Any:
@@ -127,6 +129,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads "1e-3" as a string; on a command line it means a number
     return key, value
 
 
