@@ -1,0 +1,393 @@
+"""``mkdt experts``: knowledge-distillation expert trajectories (REFERENCE.md section 1.3).
+
+Each expert is a fresh student (ConvNet + linear head to the target dimension) trained with MSE to
+the teacher's targets by the shared :func:`mkdt.training.train_regression` loop, or K at a time by
+:mod:`mkdt.experts.batched` (same mathematics). Its flat parameters at init and after every stored
+epoch are copies (never views: the authors' defect) written to one safetensors file per expert.
+
+Determinism: expert ``i`` draws its init from ``derive_seed(seed, "expert", i, "init")`` and its
+minibatch order from ``derive_seed(seed, "expert", i, "order")``, so it is the same expert whether
+trained alone, in a batch of K, or by another process (:func:`train_expert_range` trains any subset
+of indices, e.g. one rank's share).
+
+``keep_epochs``: distillation only reads epochs ``0..max_start_epoch + expert_epochs``; with
+``keep_epochs`` set, only epochs ``0..keep_epochs`` are stored and training stops after epoch
+``keep_epochs`` (the learning rate is constant, so the stored epochs are exactly those of a full
+``epochs``-long run). The stage record says so (``trained_epochs``, ``stopped_early``).
+
+Resume: a finished expert is a file that exists, loads and was trained with the same settings; it is
+skipped. A batch of K students also checkpoints after every epoch (``partial_<first>-<last>``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm import tqdm
+
+from mkdt.artifacts import RunDir, StageDir, TensorSpec, config_digest, load_tensors, read_metadata, save_tensors
+from mkdt.config import StageConfig, to_dict
+from mkdt.data import DataConfig
+from mkdt.errors import MkdtError
+from mkdt.experts.batched import IMPLS, BatchedState, check_batchable, make_forward, train_students
+from mkdt.experts.common import JsonLog, input_path, load_source, tensor_digest, torch_threads
+from mkdt.formats import load_trajectory, save_trajectory
+from mkdt.models import ModelConfig, build_model
+from mkdt.models.functional import ParamLayout, flat_parameters
+from mkdt.runtime import Meter, derive_seed, generator, resolve_device, seeded
+from mkdt.training import RegressionSchedule, train_regression
+
+STAGE = "experts"
+EXPERT_FILE = "expert_{:04d}.safetensors"
+PARTIAL_FILE = "partial_{:04d}-{:04d}.safetensors"
+LOG_FILE = "log.jsonl"
+
+
+@dataclass
+class ExpertsConfig(StageConfig):
+    """Expert training (REFERENCE defaults: 100 ConvNet-D3-W128 students, SGD 0.1/0.9/1e-4, batch 256, 20 epochs)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    num_experts: int = 100
+    epochs: int = 20
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 256
+    keep_epochs: int | None = None  # store (and train) only epochs 0..keep_epochs
+    batch_students: int = 1  # K students trained at once (1 = one by one through train_regression)
+    batched_impl: str = "auto"  # auto | grouped | vmap (see mkdt.experts.batched)
+    targets: str | None = None  # default <out>/targets/targets.safetensors
+    threads: int = 0  # torch intra-op threads (0 = torch default)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.num_experts >= 1, "num_experts", "at least 1"),
+            (self.epochs >= 1, "epochs", "at least 1"),
+            (self.lr > 0, "lr", "positive"),
+            (self.momentum >= 0, "momentum", ">= 0"),
+            (self.weight_decay >= 0, "weight_decay", ">= 0"),
+            (self.batch_size >= 1, "batch_size", "at least 1"),
+            (self.keep_epochs is None or self.keep_epochs >= 1, "keep_epochs", "at least 1 or null (all epochs)"),
+            (self.batch_students >= 1, "batch_students", "at least 1"),
+            (self.batched_impl in IMPLS, "batched_impl", f"one of {', '.join(IMPLS)}"),
+            (self.threads >= 0, "threads", ">= 0"),
+        ]
+        for ok, key, want in checks:
+            if not ok:
+                raise MkdtError(f"experts config '{key}' must be {want}, got {getattr(self, key)!r}")
+
+    @property
+    def trained_epochs(self) -> int:
+        return self.epochs if self.keep_epochs is None else min(self.epochs, self.keep_epochs)
+
+    def schedule(self) -> RegressionSchedule:
+        return RegressionSchedule(epochs=self.trained_epochs, lr=self.lr, momentum=self.momentum,
+                                  weight_decay=self.weight_decay, batch_size=self.batch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# what every expert needs
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ExpertContext:
+    """Data, targets and student description shared by all experts of a run (built once)."""
+
+    config: ExpertsConfig
+    stage: StageDir
+    device: torch.device
+    images: torch.Tensor  # normalised, on device
+    targets: torch.Tensor  # on device
+    in_channels: int
+    resolution: int
+    head_dim: int
+    layout: ParamLayout
+    meta: dict[str, Any]  # metadata common to every expert file
+    log: JsonLog
+
+    def path(self, index: int) -> Path:
+        return self.stage / EXPERT_FILE.format(index)
+
+    def build(self, index: int) -> torch.nn.Module:
+        """Expert ``index``'s student at its seeded init (built on CPU, so inits agree across devices)."""
+        with seeded(init_seed(self.config.seed, index)):
+            return build_model(self.config.model, in_channels=self.in_channels, resolution=self.resolution,
+                               head_dim=self.head_dim)
+
+    def order_generator(self, index: int) -> torch.Generator:
+        return generator(order_seed(self.config.seed, index))
+
+
+def init_seed(seed: int, index: int) -> int:
+    return derive_seed(seed, "expert", index, "init")
+
+
+def order_seed(seed: int, index: int) -> int:
+    return derive_seed(seed, "expert", index, "order")
+
+
+def prepare(config: ExpertsConfig) -> ExpertContext:
+    """Load and check data + targets, and describe the student; refuses targets of other data."""
+    device = resolve_device(config.device)
+    stage = RunDir(config.out).stage(STAGE)
+    targets_path = input_path(config.targets, config.out, "targets", "targets.safetensors")
+    data, targets, fingerprint = load_source(config.data, targets_path)
+    head_dim = targets.dim
+    with seeded(0):
+        probe = build_model(config.model, in_channels=data.channels, resolution=data.resolution, head_dim=head_dim)
+    if config.batch_students > 1:
+        check_batchable(probe, f"student ({config.model.name}, norm={config.model.norm})")
+    layout = ParamLayout.of(probe)
+    stored = list(range(config.trained_epochs + 1))
+    settings = {
+        "model": config.model.to_dict(), "in_channels": data.channels, "resolution": data.resolution,
+        "head_dim": head_dim, "seed": config.seed, "fingerprint": fingerprint,
+        "targets_digest": tensor_digest(targets.values), "mean": list(data.mean), "std": list(data.std),
+        "lr": config.lr, "momentum": config.momentum, "weight_decay": config.weight_decay,
+        "batch_size": config.batch_size, "trained_epochs": config.trained_epochs, "stored_epochs": stored,
+    }
+    meta = {**settings, "settings_digest": config_digest(settings), "data_name": data.name,
+            "epochs_configured": config.epochs, "keep_epochs": config.keep_epochs}
+    return ExpertContext(config, stage, device, data.normalize().to(device), targets.values.to(device),
+                         data.channels, data.resolution, head_dim, layout, meta, JsonLog(stage / LOG_FILE))
+
+
+# ----------------------------------------------------------------------------------------------
+# finished experts
+# ----------------------------------------------------------------------------------------------
+def finished(ctx: ExpertContext, index: int) -> bool:
+    """A finished expert: its file exists, loads (finite, moving, right architecture) and has our settings.
+
+    A readable file trained with other settings is an error (never silently mixed or overwritten); an
+    unreadable or broken one is retrained (the new file replaces it atomically).
+    """
+    path = ctx.path(index)
+    if not path.is_file():
+        return False
+    try:
+        meta = read_metadata(path)
+    except (MkdtError, ValueError):
+        return False
+    if meta.get("settings_digest") != ctx.meta["settings_digest"]:
+        raise MkdtError(f"{path}: this expert was trained with other settings (data, targets, model, seed or "
+                        f"SGD schedule differ); use another --out or delete {ctx.stage.path} to retrain")
+    try:
+        load_trajectory(path, layout=ctx.layout)
+    except MkdtError:
+        return False
+    return True
+
+
+def _save_expert(ctx: ExpertContext, index: int, params: torch.Tensor, losses: Sequence[float],
+                 seconds: float, how: str) -> dict[str, Any]:
+    epochs = list(range(params.shape[0]))
+    for e in range(1, len(epochs)):
+        if torch.equal(params[e], params[e - 1]):
+            raise MkdtError(f"expert {index}: parameters did not change in epoch {e} (lr {ctx.config.lr}); "
+                            f"an expert without displacement is useless for matching, raise the lr")
+    save_trajectory(ctx.path(index), params, epochs, ctx.layout, **ctx.meta, expert=index,
+                    init_seed=init_seed(ctx.config.seed, index), order_seed=order_seed(ctx.config.seed, index),
+                    losses=[float(v) for v in losses], trained_with=how)
+    record = {"expert": index, "path": str(ctx.path(index)), "final_loss": float(losses[-1]),
+              "seconds": round(seconds, 3), "trained_with": how}
+    ctx.log.write(**record)
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------------
+def _train_one(ctx: ExpertContext, index: int, bar: tqdm | None) -> dict[str, Any]:
+    """One expert through the shared KD loop, snapshotting a copy of the parameters after every epoch."""
+    t0 = time.perf_counter()
+    model = ctx.build(index).to(ctx.device).train()
+    snapshots = [flat_parameters(model).cpu()]
+
+    def snapshot(epoch: int, module: torch.nn.Module, loss: float) -> None:
+        snapshots.append(flat_parameters(module).cpu())
+        ctx.log.write(expert=index, epoch=epoch, loss=float(loss), seconds=round(time.perf_counter() - t0, 3))
+        if bar is not None:
+            bar.set_postfix(expert=index, epoch=epoch, loss=f"{loss:.4f}")
+
+    losses = train_regression(model, ctx.images, ctx.targets, ctx.config.schedule(), ctx.order_generator(index),
+                              on_epoch_end=snapshot)
+    return _save_expert(ctx, index, torch.stack(snapshots), losses, time.perf_counter() - t0, "sequential")
+
+
+def _partial_path(ctx: ExpertContext, group: Sequence[int]) -> Path:
+    return ctx.stage / PARTIAL_FILE.format(group[0], group[-1])
+
+
+def _load_partial(ctx: ExpertContext, group: Sequence[int]) -> BatchedState | None:
+    """A batch's epoch checkpoint, if one exists for exactly these experts and settings."""
+    path = _partial_path(ctx, group)
+    if not path.is_file():
+        return None
+    try:
+        meta = read_metadata(path)
+        if meta.get("experts") != list(group) or meta.get("settings_digest") != ctx.meta["settings_digest"]:
+            return None
+        epoch = int(meta["epoch"])
+        k, p = len(group), ctx.layout.numel
+        spec = {"snapshots": TensorSpec(shape=(k, epoch + 1, p), dtype=torch.float32)}
+        if ctx.config.momentum:
+            spec["momentum"] = TensorSpec(shape=(k, p), dtype=torch.float32)
+        tensors = load_tensors(path, spec)
+    except (MkdtError, KeyError, ValueError):
+        return None  # a broken checkpoint only costs the epochs it held
+    snaps = tensors["snapshots"]
+    momentum = None
+    if "momentum" in tensors:
+        parts = ctx.layout.unflatten(tensors["momentum"].to(ctx.device))
+        momentum = [parts[n].contiguous() for n in ctx.layout.names]
+    state = BatchedState.fresh(ctx.layout, list(snaps[:, epoch]), ctx.device)
+    state.epoch, state.momentum = epoch, momentum
+    state.snapshots = [snaps[:, e].clone() for e in range(epoch + 1)]
+    state.losses = [list(map(float, row)) for row in meta["losses"]]
+    return state
+
+
+def _save_partial(ctx: ExpertContext, group: Sequence[int], state: BatchedState) -> None:
+    tensors = {"snapshots": state.trajectories()}
+    if state.momentum is not None:
+        k = state.size
+        tensors["momentum"] = torch.cat([m.detach().reshape(k, -1).cpu() for m in state.momentum], dim=1)
+    save_tensors(_partial_path(ctx, group), tensors, {"experts": list(group), "epoch": state.epoch,
+                                                     "losses": state.losses,
+                                                     "settings_digest": ctx.meta["settings_digest"]})
+
+
+def _train_group(ctx: ExpertContext, group: Sequence[int], bar: tqdm | None) -> list[dict[str, Any]]:
+    """K experts at once on stacked parameters; checkpoints after every epoch."""
+    t0 = time.perf_counter()
+    cfg = ctx.config
+    module = ctx.build(group[0]).to(ctx.device)
+    state = _load_partial(ctx, group)
+    if state is None:
+        state = BatchedState.fresh(ctx.layout, [flat_parameters(ctx.build(i)) for i in group], ctx.device)
+    generators = [ctx.order_generator(i) for i in group]
+    _, impl = make_forward(module, cfg.batched_impl, ctx.device)
+    steps = tqdm(total=None, desc=f"experts {group[0]}-{group[-1]}", unit="step", leave=False, disable=None)
+
+    def on_step(step: int, total: int) -> None:
+        steps.total = total
+        steps.update(1)
+        if step == total:
+            steps.reset()
+
+    def on_epoch(s: BatchedState) -> None:
+        _save_partial(ctx, group, s)
+        ctx.log.write(experts=list(group), epoch=s.epoch, losses=s.losses[-1])
+        if bar is not None:
+            bar.set_postfix(experts=f"{group[0]}-{group[-1]}", epoch=s.epoch)
+
+    try:
+        state = train_students(module, ctx.layout, state, ctx.images, ctx.targets, cfg.schedule(), generators,
+                               impl=cfg.batched_impl, on_epoch_end=on_epoch, progress=on_step)
+    finally:
+        steps.close()
+    seconds = (time.perf_counter() - t0) / len(group)
+    trajectories = state.trajectories()
+    records = [_save_expert(ctx, index, trajectories[j], [row[j] for row in state.losses], seconds,
+                            f"batched K={len(group)} ({impl})")
+               for j, index in enumerate(group)]
+    _partial_path(ctx, group).unlink(missing_ok=True)
+    return records
+
+
+def train_expert_range(
+    config: ExpertsConfig,
+    indices: Sequence[int],
+    *,
+    context: ExpertContext | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train the experts ``indices`` (skipping finished ones), ``batch_students`` at a time.
+
+    For sharding (one process per share): each process calls this with its own indices; afterwards
+    one process calls :func:`train_experts`, which finds every expert finished and writes the stage
+    record. ``callback(record)`` runs after every saved expert.
+    """
+    bad = [i for i in indices if not 0 <= int(i) < config.num_experts]
+    if bad:
+        raise MkdtError(f"expert indices {bad[:3]} are outside 0..{config.num_experts - 1} (num_experts)")
+    with torch_threads(config.threads):
+        ctx = context or prepare(config)
+        return _train_range(ctx, [int(i) for i in indices], callback)
+
+
+def _train_range(ctx: ExpertContext, indices: list[int],
+                 callback: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
+    todo = [i for i in indices if not finished(ctx, i)]
+    records: list[dict[str, Any]] = []
+    k = ctx.config.batch_students
+    with tqdm(total=len(indices), initial=len(indices) - len(todo), desc="experts", unit="expert",
+              disable=None) as bar:
+        for start in range(0, len(todo), k):
+            group = todo[start:start + k]
+            done = [_train_one(ctx, group[0], bar)] if k == 1 else _train_group(ctx, group, bar)
+            for record in done:
+                records.append(record)
+                bar.update(1)
+                if callback is not None:
+                    callback(record)
+    return records
+
+
+def train_experts(config: ExpertsConfig, *, callback: Callable[[dict[str, Any]], None] | None = None) -> dict:
+    """Stage ``experts``: train ``num_experts`` trajectories into ``<out>/experts/`` (resumable)."""
+    cfg_dict = to_dict(config)
+    stage = RunDir(config.out).stage(STAGE)
+    if stage.is_done(cfg_dict):
+        record = stage.record() or {}
+        return {"summary": record.get("summary", {}), "stage": str(stage.path), "skipped": True}
+    stage.invalidate()
+    stage.save_config(config)
+    with torch_threads(config.threads), Meter() as meter:
+        ctx = prepare(config)
+        records = train_expert_range(config, range(config.num_experts), context=ctx, callback=callback)
+    summary = _summary(ctx, records, config.num_experts - len(records), meter)
+    for stale in stage.path.glob("partial_*.safetensors"):
+        stale.unlink(missing_ok=True)
+    stage.finish(cfg_dict, summary=summary)
+    return {"summary": summary, "stage": str(stage.path)}
+
+
+def _summary(ctx: ExpertContext, records: list[dict[str, Any]], already: int, meter: Meter) -> dict[str, Any]:
+    cfg = ctx.config
+    files = [ctx.path(i) for i in range(cfg.num_experts)]
+    final = [float(read_metadata(p).get("losses", [float("nan")])[-1]) for p in files]
+    trained_seconds = sum(r["seconds"] for r in records)
+    summary = {
+        "experts": cfg.num_experts,
+        "trained_now": len(records),
+        "resumed_finished": already,
+        "stored_epochs": list(range(cfg.trained_epochs + 1)),
+        "trained_epochs": cfg.trained_epochs,
+        "epochs_configured": cfg.epochs,
+        "stopped_early": cfg.trained_epochs < cfg.epochs,
+        "note": (f"keep_epochs={cfg.keep_epochs}: only epochs 0..{cfg.trained_epochs} are stored, so training "
+                 f"stopped after epoch {cfg.trained_epochs} of {cfg.epochs} (constant lr: the stored epochs equal "
+                 f"those of the full run)") if cfg.trained_epochs < cfg.epochs else "all epochs trained and stored",
+        "batch_students": cfg.batch_students,
+        "parameters": ctx.layout.numel,
+        "bytes_per_expert": files[0].stat().st_size if files else 0,
+        "final_loss_mean": sum(final) / len(final),
+        "final_loss_min": min(final),
+        "final_loss_max": max(final),
+        "seconds_per_expert": round(trained_seconds / len(records), 3) if records else None,
+        "experts_per_hour": round(3600 * len(records) / trained_seconds, 2) if records and trained_seconds else None,
+        "device": str(ctx.device),
+        "fingerprint": ctx.meta["fingerprint"],
+        **meter.as_dict(),
+    }
+    return summary
+
+
+__all__ = ["ExpertsConfig", "ExpertContext", "prepare", "train_expert_range", "train_experts", "finished",
+           "init_seed", "order_seed"]

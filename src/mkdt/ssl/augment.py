@@ -1,0 +1,250 @@
+"""Batched SimCLR-style augmentations with per-image random parameters, on the training device.
+
+Why not ``kornia.augmentation``: measured on the project's 2-core CPU for a 256 x 3 x 32 x 32 batch,
+RandomResizedCrop + flip + ColorJitter(p 0.8) + RandomGrayscale(p 0.2) from kornia 0.9 took 0.4-0.6 s
+per view (its HSV hue shift alone ~65 ms, saturation ~20 ms, crop ~15-120 ms), more than half of a
+ResNet-18 (width 16) training step on two views. The same operations written as a few batched tensor
+ops (one ``grid_sample`` for crop + flip, 3x3 colour matrices per image) cost a few milliseconds, so
+they are written here. The parameter ranges are the torchvision/kornia ones.
+
+Every random parameter is drawn on the CPU from an explicit ``torch.Generator`` in a fixed order and
+only then moved to the device, so a seed gives the same views on CPU and CUDA and nothing touches
+torch's global generator.
+
+Hue is rotated about the grey axis in YIQ space (a linear, per-image 3x3 matrix) instead of shifting
+the HSV hue channel; both move colours around the hue circle by the same angle for grey-balanced
+colours, and the linear form is an order of magnitude cheaper.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from mkdt.errors import MkdtError
+
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+CROP_ATTEMPTS = 10
+
+
+@dataclass
+class AugmentConfig:
+    """Two-view SSL augmentation (SimCLR / Barlow Twins CIFAR recipe by default; blur/solarize off)."""
+
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+    solarize_threshold: float = 0.5
+
+    def check(self) -> None:
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise MkdtError(f"augment.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise MkdtError(f"augment.crop_ratio must satisfy 0 < low <= high, got {self.crop_ratio}")
+        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+            p = getattr(self, name)
+            if not 0 <= p <= 1:
+                raise MkdtError(f"augment.{name} is a probability, got {p}; use a value in [0, 1]")
+        if not 0 <= self.hue <= 0.5:
+            raise MkdtError(f"augment.hue must be in [0, 0.5], got {self.hue}")
+        for name in ("brightness", "contrast", "saturation"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise MkdtError(f"augment.{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=generator)
+
+
+def _bernoulli(n: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=generator) < p
+
+
+def sample_crop_boxes(n: int, height: int, width: int, scale: Sequence[float], ratio: Sequence[float],
+                      generator: torch.Generator) -> torch.Tensor:
+    """Random-resized-crop boxes (top, left, h, w) per image, torchvision's rule vectorised.
+
+    Up to 10 attempts per image; the first attempt whose box fits is used, otherwise the whole image.
+    """
+    area = height * width
+    target = area * _uniform(n * CROP_ATTEMPTS, scale[0], scale[1], generator).view(n, CROP_ATTEMPTS)
+    log_r = _uniform(n * CROP_ATTEMPTS, math.log(ratio[0]), math.log(ratio[1]), generator)
+    aspect = log_r.exp().view(n, CROP_ATTEMPTS)
+    w = (target * aspect).sqrt().round()
+    h = (target / aspect).sqrt().round()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.float().argmax(dim=1)
+    found = ok.any(dim=1)
+    rows = torch.arange(n)
+    w = torch.where(found, w[rows, first], torch.tensor(float(width)))
+    h = torch.where(found, h[rows, first], torch.tensor(float(height)))
+    top = (torch.rand(n, generator=generator) * (height - h + 1)).floor().clamp(max=height - h)
+    left = (torch.rand(n, generator=generator) * (width - w + 1)).floor().clamp(max=width - w)
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def crop_flip(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Crop every image to its box, resize back to the input size (bilinear) and mirror where ``flip``."""
+    n, _, height, width = x.shape
+    top, left, h, w = boxes.to(x.device, torch.float32).unbind(1)
+    sx = w / width
+    sy = h / height
+    tx = (2 * left + w) / width - 1
+    ty = (2 * top + h) / height - 1
+    sx = torch.where(flip.to(x.device), -sx, sx)
+    theta = torch.zeros(n, 2, 3, device=x.device)
+    theta[:, 0, 0] = sx
+    theta[:, 0, 2] = tx
+    theta[:, 1, 1] = sy
+    theta[:, 1, 2] = ty
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """Luma (N x 1 x H x W) of RGB images; single-channel images are returned as they are."""
+    if x.shape[1] != 3:
+        return x.mean(dim=1, keepdim=True)
+    w = torch.tensor(GRAY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * w).sum(dim=1, keepdim=True)
+
+
+def _per_image(v: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, 1, 1, 1)
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (x * _per_image(factor)).clamp_(0, 1)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+    f = _per_image(factor)
+    return (f * x + (1 - f) * mean).clamp_(0, 1)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] != 3:
+        return x
+    f = _per_image(factor)
+    return (f * x + (1 - f) * grayscale(x)).clamp_(0, 1)
+
+
+def hue_matrices(shift: torch.Tensor) -> torch.Tensor:
+    """Per-image 3x3 RGB matrices rotating hue by ``shift`` turns (YIQ rotation about the grey axis)."""
+    angle = shift * 2 * math.pi
+    cos, sin = angle.cos(), angle.sin()
+    rot = torch.zeros(len(shift), 3, 3, dtype=shift.dtype)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1] = cos
+    rot[:, 1, 2] = -sin
+    rot[:, 2, 1] = sin
+    rot[:, 2, 2] = cos
+    to_yiq = _RGB_TO_YIQ.to(shift.dtype)
+    return torch.linalg.inv(to_yiq) @ rot @ to_yiq
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] != 3:
+        return x
+    m = hue_matrices(shift.float()).to(x.device, x.dtype)
+    return torch.einsum("nij,njhw->nihw", m, x).clamp_(0, 1)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur with a per-image sigma; kernel ~10% of the image side (odd, >= 3)."""
+    n, c, height, width = x.shape
+    size = max(3, int(round(0.1 * min(height, width))) | 1)
+    half = size // 2
+    offsets = torch.arange(size, dtype=torch.float32, device=x.device) - half
+    sig = sigma.to(x.device, torch.float32).view(n, 1)
+    kernel = torch.exp(-(offsets.view(1, -1) ** 2) / (2 * sig**2))
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(x.dtype)
+    kernel = kernel.repeat_interleave(c, dim=0)  # (n * c, size)
+    flat = x.reshape(1, n * c, height, width)
+    flat = F.conv2d(F.pad(flat, (half, half, 0, 0), mode="reflect"), kernel.view(n * c, 1, 1, size), groups=n * c)
+    flat = F.conv2d(F.pad(flat, (0, 0, half, half), mode="reflect"), kernel.view(n * c, 1, size, 1), groups=n * c)
+    return flat.view(n, c, height, width)
+
+
+def _blend(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    return torch.where(_per_image(mask.to(old.device)), new, old)
+
+
+class BatchAugment:
+    """Callable: uint8 batch -> augmented float batch normalised with the set's mean/std."""
+
+    def __init__(self, config: AugmentConfig, mean: Sequence[float], std: Sequence[float]):
+        config.check()
+        self.config = config
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+
+    def sample(self, n: int, height: int, width: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """All random parameters of one batch, drawn on the CPU in a fixed order."""
+        c = self.config
+        boxes = sample_crop_boxes(n, height, width, c.crop_scale, c.crop_ratio, generator)
+        identity = torch.ones(n)
+        params = {
+            "boxes": boxes,
+            "flip": _bernoulli(n, c.flip_p, generator),
+            "jitter": _bernoulli(n, c.jitter_p, generator),
+            "brightness": _uniform(n, max(0.0, 1 - c.brightness), 1 + c.brightness, generator),
+            "contrast": _uniform(n, max(0.0, 1 - c.contrast), 1 + c.contrast, generator),
+            "saturation": _uniform(n, max(0.0, 1 - c.saturation), 1 + c.saturation, generator),
+            "hue": _uniform(n, -c.hue, c.hue, generator),
+            "gray": _bernoulli(n, c.grayscale_p, generator),
+            "blur": _bernoulli(n, c.blur_p, generator),
+            "sigma": _uniform(n, c.blur_sigma[0], c.blur_sigma[1], generator),
+            "solarize": _bernoulli(n, c.solarize_p, generator),
+        }
+        off = ~params["jitter"]
+        for key in ("brightness", "contrast", "saturation"):
+            params[key] = torch.where(off, identity, params[key])
+        params["hue"] = torch.where(off, torch.zeros(n), params["hue"])
+        return params
+
+    def apply(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Augment float images in [0, 1] with given parameters (deterministic)."""
+        dev = x.device
+        x = crop_flip(x, params["boxes"], params["flip"])
+        if params["jitter"].any():
+            x = adjust_brightness(x, params["brightness"].to(dev))
+            x = adjust_contrast(x, params["contrast"].to(dev))
+            x = adjust_saturation(x, params["saturation"].to(dev))
+            x = adjust_hue(x, params["hue"])
+        if x.shape[1] == 3 and params["gray"].any():
+            x = _blend(params["gray"], grayscale(x).expand_as(x), x)
+        if params["blur"].any():
+            x = _blend(params["blur"], gaussian_blur(x, params["sigma"]), x)
+        if params["solarize"].any():
+            t = self.config.solarize_threshold
+            x = _blend(params["solarize"], torch.where(x >= t, 1 - x, x), x)
+        return x
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        m = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        s = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return (x - m) / s
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if images.dim() != 4:
+            raise MkdtError(f"augmentation expects an N x C x H x W batch, got shape {tuple(images.shape)}")
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        params = self.sample(len(x), x.shape[-2], x.shape[-1], generator)
+        return self.normalize(self.apply(x, params))

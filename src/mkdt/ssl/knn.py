@@ -1,0 +1,72 @@
+"""Encoding image sets with a frozen encoder, and the weighted kNN monitor of InstDisc / SimCLR.
+
+The kNN monitor (k=200, T=0.1, cosine similarity) classifies each query by a vote of its k nearest
+bank features, each weighted by ``exp(similarity / T)``; it needs no training, so it is a cheap,
+label-free-training check of representation quality during SSL.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mkdt.data.imageset import normalize
+
+
+@torch.no_grad()
+def encode(model: nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float], *,
+           batch_size: int = 512, device: str | torch.device = "cpu", progress: bool | None = False) -> torch.Tensor:
+    """``model.features`` of uint8 images (eval mode, no augmentation, normalised), float32 on the CPU."""
+    from tqdm import tqdm
+
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for chunk in tqdm(images.split(batch_size), desc="encode", disable=None if progress else True, leave=False):
+            x = normalize(chunk.to(device, non_blocking=True), mean, std)
+            out.append(model.features(x).float().cpu())
+    finally:
+        model.train(was_training)
+    if not out:
+        return torch.zeros(0, 0)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, *, k: int = 200,
+                temperature: float = 0.1, num_classes: int | None = None, exclude_self: bool = False,
+                chunk: int = 512) -> torch.Tensor:
+    """Predicted labels of ``queries`` by a similarity-weighted vote of their k nearest bank features.
+
+    ``exclude_self``: queries are the bank itself (same order); each query's own entry is ignored.
+    """
+    bank = F.normalize(bank.float(), dim=1)
+    queries = F.normalize(queries.float(), dim=1)
+    bank_labels = bank_labels.long()
+    classes = num_classes or int(bank_labels.max()) + 1
+    k = min(k, len(bank) - (1 if exclude_self else 0))
+    preds = []
+    for start in range(0, len(queries), chunk):
+        q = queries[start:start + chunk]
+        sim = q @ bank.T
+        if exclude_self:
+            rows = torch.arange(len(q))
+            sim[rows, rows + start] = -float("inf")
+        top_sim, top_idx = sim.topk(k, dim=1)
+        weights = (top_sim / temperature).exp()
+        votes = torch.zeros(len(q), classes).scatter_add_(1, bank_labels[top_idx], weights)
+        preds.append(votes.argmax(dim=1))
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+
+
+def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
+                 *, k: int = 200, temperature: float = 0.1, exclude_self: bool = False) -> float:
+    """Fraction of queries whose kNN vote equals their label."""
+    classes = int(max(bank_labels.max(), query_labels.max())) + 1
+    pred = knn_predict(bank, bank_labels, queries, k=k, temperature=temperature, num_classes=classes,
+                       exclude_self=exclude_self)
+    return float((pred == query_labels.long()).float().mean())

@@ -1,0 +1,328 @@
+"""A generic two-view SSL training loop over any registry backbone, with exact resume.
+
+Why its own loop (not ``mkdt.training``): SSL needs two augmented views, a projector, a
+contrastive/redundancy loss, Adam/LARS with warm-up + cosine or one-cycle schedules and mixed
+precision, none of which the KD regression loop has.
+
+Resume is exact: a checkpoint after every epoch holds the backbone, projector and optimiser tensors
+and, in its JSON header, the optimiser's hyperparameters, the step counter (which fully determines
+the learning rate), the fp16 grad-scaler state and the history. The random streams need no saved
+state: the minibatch order and the augmentation parameters of epoch ``e`` come from generators
+seeded with ``derive_seed(seed, "ssl-order" | "ssl-augment", e)``, so epoch ``e`` draws the same
+numbers whether or not the run was interrupted before it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from mkdt.artifacts import atomic_write_text, load_tensors, read_metadata, save_tensors
+from mkdt.errors import MkdtError
+from mkdt.runtime import derive_seed, generator, seeded
+from mkdt.ssl.augment import BatchAugment
+from mkdt.ssl.objectives import ObjectiveConfig, build_loss, build_projector
+
+OPTIMIZERS = ("adam", "adamw", "lars", "sgd")
+LR_SCHEDULES = ("cosine", "onecycle", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class SSLSchedule:
+    """Optimiser, learning-rate schedule and precision of SSL training."""
+
+    epochs: int = 1000
+    batch_size: int = 256
+    optimizer: str = "adam"
+    lr: float = 0.01
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    lr_schedule: str = "cosine"
+    warmup_epochs: float = 10.0
+    onecycle_pct: float = 0.3
+    precision: str = "auto"
+
+    def check(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise MkdtError(f"unknown schedule.optimizer '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise MkdtError(f"unknown schedule.lr_schedule '{self.lr_schedule}'; "
+                            f"choose one of {', '.join(LR_SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise MkdtError(f"unknown schedule.precision '{self.precision}'; choose one of {', '.join(PRECISIONS)}")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise MkdtError(f"schedule needs epochs >= 1 and batch_size >= 2 (batch norm), got "
+                            f"epochs={self.epochs} batch_size={self.batch_size}")
+        if self.lr <= 0:
+            raise MkdtError(f"schedule.lr must be positive, got {self.lr}")
+        if not 0 < self.onecycle_pct < 1:
+            raise MkdtError(f"schedule.onecycle_pct must be in (0, 1), got {self.onecycle_pct}")
+
+
+def lr_factor(schedule: SSLSchedule, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Learning-rate multiplier (of ``schedule.lr``) for optimiser step ``step`` (0-based).
+
+    cosine: linear warm-up over ``warmup_epochs`` then cosine decay to 0; onecycle: torch's OneCycleLR
+    curve (cosine up from lr/25 over ``onecycle_pct`` of the steps, cosine down to lr/25e4),
+    without momentum cycling; constant: 1.
+    """
+    if schedule.lr_schedule == "constant":
+        return 1.0
+    if schedule.lr_schedule == "onecycle":
+        start, end = 1 / 25, 1 / 25e4
+        peak = max(1.0, schedule.onecycle_pct * total_steps - 1)
+        if step <= peak:
+            t = step / peak
+            return end_cos(start, 1.0, t)
+        t = min(1.0, (step - peak) / max(1.0, total_steps - 1 - peak))
+        return end_cos(1.0, end, t)
+    warm = int(round(schedule.warmup_epochs * steps_per_epoch))
+    if step < warm:
+        return (step + 1) / warm
+    t = (step - warm) / max(1, total_steps - warm)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def end_cos(a: float, b: float, t: float) -> float:
+    """Cosine interpolation from ``a`` (t=0) to ``b`` (t=1)."""
+    return b + (a - b) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def build_optimizer(params: list[tuple[str, nn.Parameter]], schedule: SSLSchedule) -> torch.optim.Optimizer:
+    """Adam / AdamW / SGD / LARS; for LARS and SGD, biases and norm weights get no weight decay (and so,
+    in lightly's LARS, no layer-wise scaling), as in SimCLR/BYOL."""
+    if schedule.optimizer in ("adam", "adamw"):
+        cls = torch.optim.Adam if schedule.optimizer == "adam" else torch.optim.AdamW
+        return cls([p for _, p in params], lr=schedule.lr, weight_decay=schedule.weight_decay)
+    decay = [p for _, p in params if p.dim() > 1]
+    no_decay = [p for _, p in params if p.dim() <= 1]
+    groups = [{"params": decay, "weight_decay": schedule.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if schedule.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=schedule.lr, momentum=schedule.momentum)
+    from lightly.utils.lars import LARS
+
+    return LARS(groups, lr=schedule.lr, momentum=schedule.momentum)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """Mixed precision is used on CUDA only; on the CPU every setting trains in float32."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+# ----------------------------------------------------------------------------------------------
+# optimiser state <-> tensors + JSON (no pickle)
+# ----------------------------------------------------------------------------------------------
+def flatten_optimizer_state(state: dict[str, Any], prefix: str = "optim.") -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimiser ``state_dict`` into named tensors and a JSON-able remainder."""
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict[str, Any]] = {}
+    for pid, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}{pid}.{key}"] = value
+            else:
+                plain.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "plain": plain}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict, prefix: str = "optim.") -> dict[str, Any]:
+    """Inverse of :func:`flatten_optimizer_state`."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith(prefix):
+            pid, key = name[len(prefix):].split(".", 1)
+            state.setdefault(int(pid), {})[key] = value
+    for pid, entry in meta["plain"].items():
+        state.setdefault(int(pid), {}).update(entry)
+    groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
+              for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+# ----------------------------------------------------------------------------------------------
+# the trainer
+# ----------------------------------------------------------------------------------------------
+EpochHook = Callable[[int, dict[str, Any]], None]
+
+
+class SSLTrainer:
+    """Backbone + projector + loss + optimiser; trains epochs on a uint8 image tensor and checkpoints."""
+
+    def __init__(self, backbone: nn.Module, objective: ObjectiveConfig, schedule: SSLSchedule,
+                 augment: BatchAugment, *, seed: int, device: torch.device):
+        schedule.check()
+        self.backbone = backbone.to(device)
+        self.schedule = schedule
+        self.augment = augment
+        self.seed = int(seed)
+        self.device = device
+        with seeded(derive_seed(seed, "ssl-projector")):
+            self.projector = build_projector(objective, backbone.feature_dim).to(device)
+        self.loss_fn = build_loss(objective)
+        params = [(f"backbone.{n}", p) for n, p in self.backbone.named_parameters()]
+        params += [(f"projector.{n}", p) for n, p in self.projector.named_parameters()]
+        self.optimizer = build_optimizer(params, schedule)
+        self.amp_dtype = autocast_dtype(schedule.precision, device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.step = 0
+        self.epoch = 0
+        self.history: list[dict[str, Any]] = []
+
+    # -- batching --------------------------------------------------------------------------------
+    def batches(self, n: int, epoch: int) -> list[torch.Tensor]:
+        """Epoch ``epoch``'s minibatches: a seeded permutation, the last incomplete batch dropped."""
+        order = torch.randperm(n, generator=generator(derive_seed(self.seed, "ssl-order", epoch)))
+        size = min(self.schedule.batch_size, n)
+        return [order[i:i + size] for i in range(0, n - size + 1, size)]
+
+    def steps_per_epoch(self, n: int) -> int:
+        return max(1, n // min(self.schedule.batch_size, n))
+
+    # -- one step / one epoch ----------------------------------------------------------------------
+    def _set_lr(self, total_steps: int, steps_per_epoch: int) -> float:
+        lr = self.schedule.lr * lr_factor(self.schedule, self.step, total_steps, steps_per_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _loss(self, x_a: torch.Tensor, x_b: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            z_a = self.projector(self.backbone.features(x_a))
+            z_b = self.projector(self.backbone.features(x_b))
+        return self.loss_fn(z_a, z_b)
+
+    def train_epoch(self, images: torch.Tensor, epoch: int, progress: bool | None = None) -> dict[str, Any]:
+        """Train epoch ``epoch`` (1-based) on uint8 ``images`` (any device); returns the epoch's record."""
+        from tqdm import tqdm
+
+        n = len(images)
+        if n < 2:
+            raise MkdtError(f"SSL training needs at least 2 images, got {n}")
+        spe = self.steps_per_epoch(n)
+        total = spe * self.schedule.epochs
+        aug_gen = generator(derive_seed(self.seed, "ssl-augment", epoch))
+        self.backbone.train()
+        self.projector.train()
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        total_loss, count, lr = 0.0, 0, self.schedule.lr
+        bar = tqdm(self.batches(n, epoch), desc=f"ssl epoch {epoch}/{self.schedule.epochs}", leave=False,
+                   disable=None if progress is None else not progress)
+        for idx in bar:
+            lr = self._set_lr(total, spe)
+            batch = images[idx.to(images.device)].to(self.device, non_blocking=True)
+            x_a = self.augment(batch, aug_gen)
+            x_b = self.augment(batch, aug_gen)
+            loss = self._loss(x_a, x_b)
+            if not torch.isfinite(loss):
+                raise MkdtError(f"SSL training diverged at epoch {epoch}, step {self.step} (loss {loss.item()}); "
+                                f"lower schedule.lr (currently {self.schedule.lr})")
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
+            self.step += 1
+            value = float(loss.detach())
+            total_loss += value * len(idx)
+            count += len(idx)
+            bar.set_postfix(loss=f"{value:.4g}", lr=f"{lr:.3g}")
+        seconds = time.perf_counter() - t0
+        self.epoch = epoch
+        # cpu_seconds (all threads of this process) tells a slow machine from a shared one
+        return {"epoch": epoch, "loss": total_loss / max(count, 1), "lr": lr, "seconds": round(seconds, 3),
+                "cpu_seconds": round(time.process_time() - cpu0, 3),
+                "images_per_second": round(count / seconds, 1) if seconds > 0 else None}
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def save_checkpoint(self, path: str | Path, identity: str = "") -> None:
+        """One atomic safetensors file: model/projector/optimiser tensors + JSON header for the rest."""
+        tensors = {f"backbone.{k}": v for k, v in self.backbone.state_dict().items()}
+        tensors.update({f"projector.{k}": v for k, v in self.projector.state_dict().items()})
+        optim_tensors, optim_meta = flatten_optimizer_state(self.optimizer.state_dict())
+        tensors.update(optim_tensors)
+        meta = {"identity": identity, "epoch": self.epoch, "step": self.step, "optimizer": optim_meta,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "history": self.history,
+                "rng": "order/augmentation streams are derive_seed(seed, 'ssl-order'|'ssl-augment', epoch)",
+                "seed": self.seed}
+        save_tensors(path, tensors, meta)
+
+    def load_checkpoint(self, path: str | Path, identity: str = "") -> bool:
+        """Restore a checkpoint written by :meth:`save_checkpoint` for the same ``identity``."""
+        path = Path(path)
+        if not path.is_file():
+            return False
+        meta = read_metadata(path)
+        if meta.get("identity") != identity:
+            return False
+        tensors = load_tensors(path)
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        try:
+            self.backbone.load_state_dict(part("backbone."))
+            self.projector.load_state_dict(part("projector."))
+            self.optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta["optimizer"]))
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise MkdtError(f"{path}: checkpoint does not fit this model ({str(exc).splitlines()[0]}); "
+                            f"delete it to start over") from None
+        if self.scaler is not None and meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        self.epoch = int(meta["epoch"])
+        self.step = int(meta["step"])
+        self.history = list(meta.get("history", []))
+        return True
+
+    # -- the whole run -----------------------------------------------------------------------------
+    def fit(self, images: torch.Tensor, *, checkpoint: str | Path | None = None, identity: str = "",
+            monitor: Callable[[], dict[str, Any]] | None = None, monitor_every: int = 1,
+            monitor_init: bool = False, log_path: str | Path | None = None,
+            on_epoch_end: EpochHook | None = None, progress: bool | None = None) -> list[dict[str, Any]]:
+        """Train up to ``schedule.epochs``, resuming from ``checkpoint`` when it is this run's.
+
+        After each epoch: optional ``monitor()`` (e.g. kNN accuracy, every ``monitor_every`` epochs and
+        at the last), checkpoint written, ``log_path`` (JSON lines) rewritten from the history, then
+        ``on_epoch_end(epoch, record)``. ``monitor_init`` records ``monitor()`` of the initial weights
+        as epoch 0.
+        """
+        if checkpoint is not None:
+            self.load_checkpoint(checkpoint, identity)
+        if monitor is not None and monitor_init and not self.history:
+            self.history.append({"epoch": 0, **monitor()})
+            if checkpoint is not None:
+                self.save_checkpoint(checkpoint, identity)
+            self._write_log(log_path)
+        for epoch in range(self.epoch + 1, self.schedule.epochs + 1):
+            record = self.train_epoch(images, epoch, progress)
+            if monitor is not None and (epoch % max(1, monitor_every) == 0 or epoch == self.schedule.epochs):
+                t0 = time.perf_counter()
+                record.update(monitor())
+                record["monitor_seconds"] = round(time.perf_counter() - t0, 3)
+            self.history.append(record)
+            if checkpoint is not None:
+                self.save_checkpoint(checkpoint, identity)
+            self._write_log(log_path)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, record)
+        return self.history
+
+    def _write_log(self, log_path: str | Path | None) -> None:
+        if log_path is not None:
+            atomic_write_text(log_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.history))

@@ -1,0 +1,47 @@
+"""Presets resolve to the paper / CPU settings, and `mkdt experts` / `mkdt init` run end to end."""
+
+from __future__ import annotations
+
+import pytest
+
+from mkdt.cli import main
+from mkdt.config import resolve
+from mkdt.experts import ExpertsConfig, InitConfig
+from mkdt.formats import load_synthetic, load_trajectory
+
+PRESETS = ["cifar10-paper", "cifar100-paper", "tinyimagenet-paper", "cifar10-cpu"]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_resolve(name):
+    experts = resolve(ExpertsConfig, preset=name, section="experts")
+    init = resolve(InitConfig, preset=name, section="init")
+    assert experts.keep_epochs == 4 and experts.epochs == 20  # max_start_epoch 2 + expert_epochs 2
+    assert (experts.lr, experts.momentum, experts.weight_decay, experts.batch_size) == (0.1, 0.9, 1e-4, 256)
+    assert experts.model.norm == "instancenorm" and experts.model.pool == "avgpool"
+    assert init.model == experts.model and init.data == experts.data and init.size == 0.02 and init.epoch == 1
+    if name.endswith("paper"):
+        assert experts.num_experts == 100 and experts.model.width == 128
+        assert experts.model.depth == (4 if name.startswith("tiny") else 3)
+    else:
+        assert experts.model.width == 32 and experts.model.depth == 3 and experts.data.root is None
+        assert experts.data.name == "imagefolder"
+
+
+def test_cli_experts_then_init_on_digits(capsys, cli_run):
+    out = cli_run
+    common = ["--out", str(out), "--device", "cpu", "--set", "data.name=digits", "--set", "data.resolution=8",
+              "--set", "model.width=8", "--set", "model.depth=1"]
+    assert main(["experts", *common, "--set", "num_experts=2", "--set", "epochs=1", "--set", "batch_size=256"]) == 0
+    assert load_trajectory(out / "experts" / "expert_0001.safetensors").epochs == [0, 1]
+    assert main(["init", *common, "--set", "size=10"]) == 0
+    assert len(load_synthetic(out / "init" / "high_loss.safetensors")) == 10
+    assert '"count": 10' in capsys.readouterr().out
+
+
+def test_cli_reports_one_line_errors(capsys, cli_run):
+    out = cli_run
+    code = main(["init", "--out", str(out), "--device", "cpu", "--set", "data.name=digits",
+                 "--set", "data.resolution=8"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "mkdt experts" in err
