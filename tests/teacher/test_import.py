@@ -131,3 +131,18 @@ def test_cli_import_then_targets(reference, imagenet_file, tmp_path):
     assert main(["targets", *common]) == 0
     assert (out / "targets" / "targets.safetensors").is_file()
     assert main(["teacher", "--import", str(imagenet_file), "--out", str(tmp_path / "run2"), "--device", "cpu"]) == 1
+
+
+def test_import_checks_the_sha256_beside_the_file(reference, tmp_path):
+    from mkdt.teacher.io import write_sha256
+
+    net, _, _ = reference
+    path = tmp_path / "asset.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    write_sha256(path)
+    import_teacher(path, RESNET18)  # matching checksum: imports
+    side = path.with_name(path.name + ".sha256")
+    side.write_text("0" * 64 + "  asset.safetensors\n")
+    with pytest.raises(MkdtError, match="sha256.*does not match"):
+        import_teacher(path, RESNET18, dest=tmp_path / "teacher.safetensors")
+    assert not (tmp_path / "teacher.safetensors").exists()

@@ -24,16 +24,26 @@ def encode(model: nn.Module, images: torch.Tensor, mean: Sequence[float], std: S
 
     was_training = model.training
     model.eval()
+    layout = _memory_format(model)
     out = []
     try:
         for chunk in tqdm(images.split(batch_size), desc="encode", disable=None if progress else True, leave=False):
-            x = normalize(chunk.to(device, non_blocking=True), mean, std)
+            x = normalize(chunk.to(device, non_blocking=True), mean, std).contiguous(memory_format=layout)
             out.append(model.features(x).float().cpu())
     finally:
         model.train(was_training)
     if not out:
         return torch.zeros(0, 0)
     return torch.cat(out)
+
+
+def _memory_format(model: nn.Module) -> torch.memory_format:
+    """Channels-last inputs for a model whose conv weights are channels-last (faster on CPU)."""
+    for p in model.parameters():
+        if p.dim() == 4:
+            cl = p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+            return torch.channels_last if cl else torch.contiguous_format
+    return torch.contiguous_format
 
 
 @torch.no_grad()

@@ -186,6 +186,7 @@ def import_teacher(
     """
     path = Path(path)
     cfg = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig(name=model_cfg)
+    check_sha256(path)  # a committed or downloaded teacher with a .sha256 beside it must match it
     state = load_state_file(path)
     model = build_model(cfg, in_channels=in_channels, resolution=resolution)
     expected = model.state_dict()
