@@ -4,9 +4,7 @@ the numbers equal a one-process run's exactly, and only rank 0 writes results/st
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -54,31 +52,22 @@ CONFIG = textwrap.dedent("""
 """)
 
 
-def launch(tmp_path: Path, config: Path, out: Path) -> subprocess.CompletedProcess:
-    wrapper = tmp_path / "wrapper.py"
-    wrapper.write_text(WRAPPER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
-           str(tmp_path), "probe", "--config", str(config), "--out", str(out), "--device", "cpu", "--seed", "3"]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
+def launch(torchrun, tmp_path: Path, config: Path, out: Path) -> subprocess.CompletedProcess:
+    return torchrun(WRAPPER, tmp_path, ["probe", "--config", str(config), "--out", str(out), "--device", "cpu", "--seed", "3"])
 
 
 def without_measure(results: dict) -> dict:
     return {k: v for k, v in results.items() if k != "measure"}
 
 
-def test_two_process_probe_equals_one_process_and_only_rank0_writes(tmp_path, random_encoder):
+def test_two_process_probe_equals_one_process_and_only_rank0_writes(torchrun, tmp_path, random_encoder):
     enc = random_encoder(out=tmp_path / "enc")
     config = tmp_path / "probe.yaml"
     config.write_text(CONFIG.format(encoder=enc))
     single = probe(resolve(ProbeConfig, section="probe", files=[str(config)],
                            values={"out": str(tmp_path / "one"), "device": "cpu", "seed": 3}))
 
-    launch(tmp_path, config, tmp_path / "two")
+    launch(torchrun, tmp_path, config, tmp_path / "two")
     stage = tmp_path / "two" / "probe" / "tiny"
     double = load_json(stage / "results.json")
     assert double["measure"]["world_size"] == 2 and single["measure"]["world_size"] == 1

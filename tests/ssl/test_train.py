@@ -11,7 +11,7 @@ from mkdt.errors import MkdtError
 from mkdt.models import build_model
 from mkdt.ssl import AugmentConfig, BatchAugment, ObjectiveConfig, SSLSchedule, SSLTrainer, knn_accuracy, lr_factor
 from mkdt.ssl.knn import knn_predict
-from mkdt.ssl.train import flatten_optimizer_state, unflatten_optimizer_state
+from mkdt.ssl.train import flatten_optimizer_state, momentum_at, unflatten_optimizer_state
 
 TINY_OBJECTIVE = ObjectiveConfig(projector_hidden=16, projector_out=32)
 
@@ -28,13 +28,16 @@ def test_cosine_schedule_warms_up_then_decays():
 def test_onecycle_schedule_matches_torch():
     s = SSLSchedule(epochs=5, lr=1.0, lr_schedule="onecycle", onecycle_pct=0.3)
     p = nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([p], lr=1.0)
-    ref = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=50, pct_start=0.3,
-                                              cycle_momentum=False)
+    opt = torch.optim.Adam([p], lr=1.0)
+    ref = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=50, pct_start=0.3)
     for step in range(50):
-        assert lr_factor(s, step, 50, 10) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-6, abs=1e-9)
+        group = opt.param_groups[0]
+        assert lr_factor(s, step, 50, 10) == pytest.approx(group["lr"], rel=1e-6, abs=1e-9)
+        assert momentum_at(s, step, 50) == pytest.approx(group["betas"][0], rel=1e-6)
         opt.step()
         ref.step()
+    assert momentum_at(SSLSchedule(lr_schedule="onecycle", cycle_momentum=False), 3, 50) is None
+    assert momentum_at(SSLSchedule(lr_schedule="cosine"), 3, 50) is None
 
 
 def test_optimizer_state_round_trip(tmp_path):

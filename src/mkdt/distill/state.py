@@ -71,17 +71,20 @@ class DistillState:
 
     def restore(self, path: Path) -> dict[str, Any]:
         """Load a checkpoint written by :meth:`save` into this (freshly built) state; returns its metadata."""
+        tensors, meta = read_checkpoint(path)
+        return self.load(tensors, meta, path)
+
+    def load(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], source: Path) -> dict[str, Any]:
+        """Apply a checkpoint's tensors and metadata (read by :func:`read_checkpoint`, maybe on another rank)."""
         device = self.images.device
-        tensors = load_tensors(path, device="cpu")
-        meta = read_metadata(path)
         for name in (*LEARNED, "rng.main", "rng.augment"):
             if name not in tensors:
-                raise MkdtError(f"{path}: checkpoint lacks '{name}'; delete it to start over")
+                raise MkdtError(f"{source}: checkpoint lacks '{name}'; delete it to start over")
         with torch.no_grad():
             for name in LEARNED:
                 leaf, saved = self.leaf(name), tensors[name]
                 if saved.numel() != leaf.numel() or (leaf.dim() and tuple(saved.shape) != tuple(leaf.shape)):
-                    raise MkdtError(f"{path}: checkpoint '{name}' has shape {tuple(saved.shape)}, the run needs "
+                    raise MkdtError(f"{source}: checkpoint '{name}' has shape {tuple(saved.shape)}, the run needs "
                                     f"{tuple(leaf.shape)}; delete the checkpoint to start over")
                 leaf.copy_(saved.reshape(leaf.shape).to(device))
         for name, opt in self.optimizers.items():
@@ -95,6 +98,11 @@ class DistillState:
         self.skipped = int(meta.get("skipped", 0))
         self.log = list(meta.get("log", []))
         return meta
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A checkpoint's tensors (on CPU) and metadata: under torchrun rank 0 reads it and sends it to the others."""
+    return load_tensors(path, device="cpu"), read_metadata(path)
 
 
 def _momentum_buffer(opt: torch.optim.SGD | None) -> torch.Tensor | None:

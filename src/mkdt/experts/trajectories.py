@@ -8,7 +8,8 @@ epoch are copies (never views: the authors' defect) written to one safetensors f
 Determinism: expert ``i`` draws its init from ``derive_seed(seed, "expert", i, "init")`` and its
 minibatch order from ``derive_seed(seed, "expert", i, "order")``, so it is the same expert whether
 trained alone, in a batch of K, or by another process (:func:`train_expert_range` trains any subset
-of indices, e.g. one rank's share).
+of indices; under torchrun :func:`train_experts` gives each rank its round-robin share of the
+unfinished experts).
 
 ``keep_epochs``: distillation only reads epochs ``0..max_start_epoch + expert_epochs``; with
 ``keep_epochs`` set, only epochs ``0..keep_epochs`` are stored and training stops after epoch
@@ -32,9 +33,13 @@ from tqdm import tqdm
 from mkdt.artifacts import RunDir, StageDir, TensorSpec, config_digest, load_tensors, read_metadata, save_tensors
 from mkdt.config import StageConfig, to_dict
 from mkdt.data import DataConfig
+from mkdt.distributed import (DistContext, barrier, broadcast_object, gather_records, init_distributed,
+                              progress_disabled, shard)
 from mkdt.errors import MkdtError
 from mkdt.experts.batched import IMPLS, BatchedState, check_batchable, make_forward, train_students
 from mkdt.experts.common import JsonLog, input_path, load_source, tensor_digest, torch_threads
+from mkdt.experts import ssl_experts
+from mkdt.experts.ssl_experts import SslExpertSettings
 from mkdt.formats import load_trajectory, save_trajectory
 from mkdt.models import ModelConfig, build_model
 from mkdt.models.functional import ParamLayout, flat_parameters
@@ -45,6 +50,7 @@ STAGE = "experts"
 EXPERT_FILE = "expert_{:04d}.safetensors"
 PARTIAL_FILE = "partial_{:04d}-{:04d}.safetensors"
 LOG_FILE = "log.jsonl"
+RANK_LOG_FILE = "log-rank{}.jsonl"  # one per rank under torchrun
 
 
 @dataclass
@@ -64,6 +70,10 @@ class ExpertsConfig(StageConfig):
     batched_impl: str = "auto"  # auto | grouped | vmap (see mkdt.experts.batched)
     targets: str | None = None  # default <out>/targets/targets.safetensors
     threads: int = 0  # torch intra-op threads (0 = torch default)
+    # kd: MSE to the teacher targets (MKDT). ssl: the naive MTT-SSL baseline, backbone + projector trained
+    # with the SSL loss on two augmented views, no targets (see mkdt.experts.ssl_experts)
+    objective: str = "kd"
+    ssl: SslExpertSettings = field(default_factory=SslExpertSettings)  # objective=ssl only
 
     def __post_init__(self) -> None:
         checks = [
@@ -77,10 +87,16 @@ class ExpertsConfig(StageConfig):
             (self.batch_students >= 1, "batch_students", "at least 1"),
             (self.batched_impl in IMPLS, "batched_impl", f"one of {', '.join(IMPLS)}"),
             (self.threads >= 0, "threads", ">= 0"),
+            (self.objective in ssl_experts.OBJECTIVES, "objective", "kd or ssl"),
+            (self.objective != "ssl" or self.batch_students == 1, "batch_students",
+             "1 with objective ssl (SSL experts train one by one)"),
+            (self.objective != "ssl" or self.batch_size >= 2, "batch_size", "at least 2 with objective ssl"),
         ]
         for ok, key, want in checks:
             if not ok:
                 raise MkdtError(f"experts config '{key}' must be {want}, got {getattr(self, key)!r}")
+        if self.objective == "ssl":
+            self.ssl.check()
 
     @property
     def trained_epochs(self) -> int:
@@ -132,9 +148,20 @@ def order_seed(seed: int, index: int) -> int:
 
 
 def prepare(config: ExpertsConfig) -> ExpertContext:
-    """Load and check data + targets, and describe the student; refuses targets of other data."""
+    """Load and check data + targets, and describe the student; refuses targets of other data.
+
+    Objective ssl: data only (no targets, ``targets`` is ``None``), and the student is backbone +
+    projector (:mod:`mkdt.experts.ssl_experts`); its files record ``objective: ssl``. KD files carry no
+    ``objective`` key (absent = kd), so they are byte for byte what they were before the option existed.
+    """
     device = resolve_device(config.device)
     stage = RunDir(config.out).stage(STAGE)
+    if config.objective == "ssl":
+        data, layout, settings = ssl_experts.describe(config)
+        meta = {**settings, "settings_digest": config_digest(settings), "data_name": data.name,
+                "epochs_configured": config.epochs, "keep_epochs": config.keep_epochs}
+        return ExpertContext(config, stage, device, data.normalize().to(device), None, data.channels,
+                             data.resolution, 0, layout, meta, JsonLog(stage / LOG_FILE))
     targets_path = input_path(config.targets, config.out, "targets", "targets.safetensors")
     data, targets, fingerprint = load_source(config.data, targets_path)
     head_dim = targets.dim
@@ -203,9 +230,14 @@ def _save_expert(ctx: ExpertContext, index: int, params: torch.Tensor, losses: S
 # training
 # ----------------------------------------------------------------------------------------------
 def _train_one(ctx: ExpertContext, index: int, bar: tqdm | None) -> dict[str, Any]:
-    """One expert through the shared KD loop, snapshotting a copy of the parameters after every epoch."""
+    """One expert through the shared KD loop (objective ssl: the SSL loop of :mod:`ssl_experts`),
+    snapshotting a copy of the parameters after every epoch."""
     t0 = time.perf_counter()
-    model = ctx.build(index).to(ctx.device).train()
+    cfg = ctx.config
+    ssl = cfg.objective == "ssl"
+    student = (ssl_experts.build_student(cfg.model, cfg.ssl, ctx.in_channels, ctx.resolution,
+                                         init_seed(cfg.seed, index)) if ssl else ctx.build(index))
+    model = student.to(ctx.device).train()
     snapshots = [flat_parameters(model).cpu()]
 
     def snapshot(epoch: int, module: torch.nn.Module, loss: float) -> None:
@@ -214,8 +246,13 @@ def _train_one(ctx: ExpertContext, index: int, bar: tqdm | None) -> dict[str, An
         if bar is not None:
             bar.set_postfix(expert=index, epoch=epoch, loss=f"{loss:.4f}")
 
-    losses = train_regression(model, ctx.images, ctx.targets, ctx.config.schedule(), ctx.order_generator(index),
-                              on_epoch_end=snapshot)
+    if ssl:
+        losses = ssl_experts.train_ssl(model, ctx.images, cfg.ssl, cfg.schedule(), ctx.meta["mean"], ctx.meta["std"],
+                                       ctx.order_generator(index),
+                                       generator(ssl_experts.augment_seed(cfg.seed, index)), on_epoch_end=snapshot)
+    else:
+        losses = train_regression(model, ctx.images, ctx.targets, ctx.config.schedule(),
+                                  ctx.order_generator(index), on_epoch_end=snapshot)
     return _save_expert(ctx, index, torch.stack(snapshots), losses, time.perf_counter() - t0, "sequential")
 
 
@@ -323,11 +360,24 @@ def train_expert_range(
 
 def _train_range(ctx: ExpertContext, indices: list[int],
                  callback: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
-    todo = [i for i in indices if not finished(ctx, i)]
+    todo = _unfinished(ctx, indices)
+    return _train_todo(ctx, todo, callback, total=len(indices))
+
+
+def _unfinished(ctx: ExpertContext, indices: Sequence[int]) -> list[int]:
+    """The experts among ``indices`` still to train (a finished one is kept, see :func:`finished`)."""
+    return [i for i in indices if not finished(ctx, i)]
+
+
+def _train_todo(ctx: ExpertContext, todo: list[int], callback: Callable[[dict[str, Any]], None] | None, *,
+                total: int, disable: bool | None = None) -> list[dict[str, Any]]:
+    """Train the unfinished experts ``todo``, ``batch_students`` at a time; the bar counts ``total``.
+
+    ``disable``: tqdm's flag (``None`` = automatic), so that under torchrun only rank 0 shows a bar.
+    """
     records: list[dict[str, Any]] = []
     k = ctx.config.batch_students
-    with tqdm(total=len(indices), initial=len(indices) - len(todo), desc="experts", unit="expert",
-              disable=None) as bar:
+    with tqdm(total=total, initial=total - len(todo), desc="experts", unit="expert", disable=disable) as bar:
         for start in range(0, len(todo), k):
             group = todo[start:start + k]
             done = [_train_one(ctx, group[0], bar)] if k == 1 else _train_group(ctx, group, bar)
@@ -340,25 +390,82 @@ def _train_range(ctx: ExpertContext, indices: list[int],
 
 
 def train_experts(config: ExpertsConfig, *, callback: Callable[[dict[str, Any]], None] | None = None) -> dict:
-    """Stage ``experts``: train ``num_experts`` trajectories into ``<out>/experts/`` (resumable)."""
+    """Stage ``experts``: train ``num_experts`` trajectories into ``<out>/experts/`` (resumable).
+
+    Launched by torchrun, the unfinished experts are split round-robin between the ranks. Expert ``i``
+    depends only on its own seeds, so every file equals a one-process run's and the ranks need no
+    communication until the end; rank 0 then checks every file and alone writes ``stage.json``, and
+    every rank returns the same result. ``callback(record)`` runs on the rank that saved the expert.
+    """
+    dctx = init_distributed(config.device)
     cfg_dict = to_dict(config)
     stage = RunDir(config.out).stage(STAGE)
-    if stage.is_done(cfg_dict):
-        record = stage.record() or {}
-        return {"summary": record.get("summary", {}), "stage": str(stage.path), "skipped": True}
-    stage.invalidate()
-    stage.save_config(config)
+    recorded = broadcast_object(_recorded(stage, cfg_dict) if dctx.is_main else None, dctx)
+    if recorded is not None:
+        return recorded
+    if dctx.is_main:
+        stage.invalidate()
+        stage.save_config(config)
     with torch_threads(config.threads), Meter() as meter:
+        ctx = _prepare_in_turn(config, dctx)
+        # Rank 0 lists the unfinished experts once: a rank checking later could see files another already wrote.
+        todo = broadcast_object(_unfinished(ctx, range(config.num_experts)) if dctx.is_main else None, dctx)
+        mine = shard(todo, dctx)
+        own = _train_todo(ctx, mine, callback, total=config.num_experts - len(todo) + len(mine),
+                          disable=progress_disabled(dctx))
+        records = _gather_records(own, dctx)  # waits for every rank
+    result = None
+    if dctx.is_main:
+        _check_all_written(ctx, dctx)
+        summary = _summary(ctx, records, config.num_experts - len(records), meter, dctx.world_size)
+        for stale in stage.path.glob("partial_*.safetensors"):
+            stale.unlink(missing_ok=True)
+        stage.finish(cfg_dict, summary=summary)
+        result = {"summary": summary, "stage": str(stage.path)}
+    return broadcast_object(result, dctx)
+
+
+def _recorded(stage: StageDir, cfg_dict: dict) -> dict | None:
+    """The result of a finished stage with this config (``None`` if it must run)."""
+    if not stage.is_done(cfg_dict):
+        return None
+    record = stage.record() or {}
+    return {"summary": record.get("summary", {}), "stage": str(stage.path), "skipped": True}
+
+
+def _prepare_in_turn(config: ExpertsConfig, dctx: DistContext) -> ExpertContext:
+    """:func:`prepare` on rank 0 first (it may decode and cache the data), then on the others.
+
+    Under torchrun every rank appends to its own ``log-rank<r>.jsonl``, so no two processes share a file.
+    """
+    ctx = prepare(config) if dctx.is_main else None
+    barrier(dctx)
+    if ctx is None:
         ctx = prepare(config)
-        records = train_expert_range(config, range(config.num_experts), context=ctx, callback=callback)
-    summary = _summary(ctx, records, config.num_experts - len(records), meter)
-    for stale in stage.path.glob("partial_*.safetensors"):
-        stale.unlink(missing_ok=True)
-    stage.finish(cfg_dict, summary=summary)
-    return {"summary": summary, "stage": str(stage.path)}
+    if dctx.distributed:
+        ctx.log = JsonLog(ctx.stage / RANK_LOG_FILE.format(dctx.rank))
+    return ctx
 
 
-def _summary(ctx: ExpertContext, records: list[dict[str, Any]], already: int, meter: Meter) -> dict[str, Any]:
+def _gather_records(own: list[dict[str, Any]], dctx: DistContext) -> list[dict[str, Any]]:
+    """Every rank's expert records, in expert order (this rank's own in a single process)."""
+    merged = gather_records({str(r["expert"]): r for r in own}, dctx)
+    return sorted(merged.values(), key=lambda r: r["expert"])
+
+
+def _check_all_written(ctx: ExpertContext, dctx: DistContext) -> None:
+    """Under torchrun, refuse to record the stage unless every expert file (most written by other
+    processes, maybe on other nodes) is there and loads; one process has just written its own."""
+    if not dctx.distributed:
+        return
+    missing = _unfinished(ctx, range(ctx.config.num_experts))
+    if missing:
+        raise MkdtError(f"experts {missing[:5]} are missing or unreadable in {ctx.stage.path} after every rank "
+                        f"finished (is --out on a file system all nodes share?); re-run to train them")
+
+
+def _summary(ctx: ExpertContext, records: list[dict[str, Any]], already: int, meter: Meter,
+             world_size: int = 1) -> dict[str, Any]:
     cfg = ctx.config
     files = [ctx.path(i) for i in range(cfg.num_experts)]
     final = [float(read_metadata(p).get("losses", [float("nan")])[-1]) for p in files]
@@ -383,6 +490,7 @@ def _summary(ctx: ExpertContext, records: list[dict[str, Any]], already: int, me
         "seconds_per_expert": round(trained_seconds / len(records), 3) if records else None,
         "experts_per_hour": round(3600 * len(records) / trained_seconds, 2) if records and trained_seconds else None,
         "device": str(ctx.device),
+        "world_size": world_size,
         "fingerprint": ctx.meta["fingerprint"],
         **meter.as_dict(),
     }

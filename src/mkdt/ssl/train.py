@@ -10,6 +10,14 @@ the learning rate), the fp16 grad-scaler state and the history. The random strea
 state: the minibatch order and the augmentation parameters of epoch ``e`` come from generators
 seeded with ``derive_seed(seed, "ssl-order" | "ssl-augment", e)``, so epoch ``e`` draws the same
 numbers whether or not the run was interrupted before it.
+
+Under torchrun (a distributed :class:`~mkdt.distributed.DistContext`) the trainer is data-parallel:
+backbone + projector run inside DistributedDataParallel, every rank walks the same global batches and
+takes its contiguous block of rows of each, the augmentation parameters are drawn for the whole global
+batch from the shared stream (each rank applies its rows'), the loss and the batch norms use the
+global batch (``mkdt.ssl.objectives``), so training equals one process with the same batch size up to
+float32 summation order. Rank 0 alone writes checkpoints and logs and runs the monitor; a checkpoint
+holds the unwrapped modules, so a run resumes with any number of processes.
 """
 
 from __future__ import annotations
@@ -25,10 +33,11 @@ import torch
 from torch import nn
 
 from mkdt.artifacts import atomic_write_text, load_tensors, read_metadata, save_tensors
+from mkdt.distributed import DistContext, barrier, broadcast_object, shard_indices
 from mkdt.errors import MkdtError
 from mkdt.runtime import derive_seed, generator, seeded
 from mkdt.ssl.augment import BatchAugment
-from mkdt.ssl.objectives import ObjectiveConfig, build_loss, build_projector
+from mkdt.ssl.objectives import ObjectiveConfig, build_loss, build_projector, to_global_batchnorm
 
 OPTIMIZERS = ("adam", "adamw", "lars", "sgd")
 LR_SCHEDULES = ("cosine", "onecycle", "constant")
@@ -48,7 +57,9 @@ class SSLSchedule:
     lr_schedule: str = "cosine"
     warmup_epochs: float = 10.0
     onecycle_pct: float = 0.3
+    cycle_momentum: bool = True
     precision: str = "auto"
+    channels_last: bool = True
 
     def check(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -71,8 +82,7 @@ def lr_factor(schedule: SSLSchedule, step: int, total_steps: int, steps_per_epoc
     """Learning-rate multiplier (of ``schedule.lr``) for optimiser step ``step`` (0-based).
 
     cosine: linear warm-up over ``warmup_epochs`` then cosine decay to 0; onecycle: torch's OneCycleLR
-    curve (cosine up from lr/25 over ``onecycle_pct`` of the steps, cosine down to lr/25e4),
-    without momentum cycling; constant: 1.
+    curve (cosine up from lr/25 over ``onecycle_pct`` of the steps, cosine down to lr/25e4); constant: 1.
     """
     if schedule.lr_schedule == "constant":
         return 1.0
@@ -89,6 +99,21 @@ def lr_factor(schedule: SSLSchedule, step: int, total_steps: int, steps_per_epoc
         return (step + 1) / warm
     t = (step - warm) / max(1, total_steps - warm)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def momentum_at(schedule: SSLSchedule, step: int, total_steps: int) -> float | None:
+    """torch OneCycleLR's momentum cycle (Adam's beta1 / SGD momentum): 0.95 -> 0.85 at the lr peak -> 0.95.
+
+    ``None`` (leave the optimiser's momentum alone) unless ``lr_schedule`` is onecycle with
+    ``cycle_momentum``.
+    """
+    if schedule.lr_schedule != "onecycle" or not schedule.cycle_momentum:
+        return None
+    high, low = 0.95, 0.85
+    peak = max(1.0, schedule.onecycle_pct * total_steps - 1)
+    if step <= peak:
+        return end_cos(high, low, step / peak)
+    return end_cos(low, high, min(1.0, (step - peak) / max(1.0, total_steps - 1 - peak)))
 
 
 def end_cos(a: float, b: float, t: float) -> float:
@@ -157,23 +182,50 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict, pref
 EpochHook = Callable[[int, dict[str, Any]], None]
 
 
+class TwoViews(nn.Module):
+    """Backbone + projector applied to both views in one ``forward``: DDP expects one forward per backward,
+    and each view keeps its own batch-norm statistics, as in a single process."""
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector
+
+    def forward(self, x_a: torch.Tensor, x_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z_a = self.projector(self.backbone.features(x_a))
+        z_b = self.projector(self.backbone.features(x_b))
+        return z_a, z_b
+
+
 class SSLTrainer:
-    """Backbone + projector + loss + optimiser; trains epochs on a uint8 image tensor and checkpoints."""
+    """Backbone + projector + loss + optimiser; trains epochs on a uint8 image tensor and checkpoints.
+
+    ``ctx`` (default: one process on ``device``) makes it data-parallel over the ranks of a torchrun
+    group; see the module docstring.
+    """
 
     def __init__(self, backbone: nn.Module, objective: ObjectiveConfig, schedule: SSLSchedule,
-                 augment: BatchAugment, *, seed: int, device: torch.device):
+                 augment: BatchAugment, *, seed: int, device: torch.device, ctx: DistContext | None = None):
         schedule.check()
-        self.backbone = backbone.to(device)
+        self.ctx = ctx if ctx is not None else DistContext(device=device)
+        # channels-last activations: 1.4x faster ResNet-18 training steps on the 2-core CPU (216 -> 308
+        # images/s at width 16, batch 256), and the layout tensor cores prefer on GPUs
+        self.memory_format = torch.channels_last if schedule.channels_last else torch.contiguous_format
+        self.backbone = backbone.to(device, memory_format=self.memory_format)
         self.schedule = schedule
         self.augment = augment
         self.seed = int(seed)
         self.device = device
         with seeded(derive_seed(seed, "ssl-projector")):
             self.projector = build_projector(objective, backbone.feature_dim).to(device)
-        self.loss_fn = build_loss(objective)
+        if self.ctx.distributed:  # batch-norm statistics over the global batch
+            self.backbone = to_global_batchnorm(self.backbone, device)
+            self.projector = to_global_batchnorm(self.projector, device)
+        self.loss_fn = build_loss(objective, global_batch=self.ctx.distributed)
         params = [(f"backbone.{n}", p) for n, p in self.backbone.named_parameters()]
         params += [(f"projector.{n}", p) for n, p in self.projector.named_parameters()]
         self.optimizer = build_optimizer(params, schedule)
+        self.net = self._data_parallel(TwoViews(self.backbone, self.projector))
         self.amp_dtype = autocast_dtype(schedule.precision, device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.step = 0
@@ -190,22 +242,54 @@ class SSLTrainer:
     def steps_per_epoch(self, n: int) -> int:
         return max(1, n // min(self.schedule.batch_size, n))
 
+    def shard_rows(self, size: int) -> slice:
+        """This rank's contiguous rows of every global batch of ``size`` images (all rows in one process)."""
+        if size % self.ctx.world_size:
+            raise MkdtError(f"a batch of {size} images cannot be split evenly over {self.ctx.world_size} "
+                            f"processes; set schedule.batch_size to a multiple of the number of processes")
+        rows = shard_indices(size, self.ctx.rank, self.ctx.world_size, "contiguous")
+        return slice(rows[0], rows[-1] + 1)
+
+    def _data_parallel(self, net: nn.Module) -> nn.Module:
+        if not self.ctx.distributed:
+            return net
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(net, device_ids=ids)
+
     # -- one step / one epoch ----------------------------------------------------------------------
     def _set_lr(self, total_steps: int, steps_per_epoch: int) -> float:
         lr = self.schedule.lr * lr_factor(self.schedule, self.step, total_steps, steps_per_epoch)
+        momentum = momentum_at(self.schedule, self.step, total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+            if momentum is not None and "betas" in group:
+                group["betas"] = (momentum, group["betas"][1])
+            elif momentum is not None and "momentum" in group:
+                group["momentum"] = momentum
         return lr
 
+    def _view(self, shard: torch.Tensor, batch_size: int, rows: slice, gen: torch.Generator) -> torch.Tensor:
+        """One augmented view of this rank's ``rows`` of a global batch: the parameters are drawn for the
+        whole batch (the single-process stream), so each image gets the parameters one process gives it."""
+        x = shard.float() / 255.0 if shard.dtype == torch.uint8 else shard.float()
+        params = self.augment.sample(batch_size, x.shape[-2], x.shape[-1], gen)
+        return self.augment.normalize(self.augment.apply(x, {k: v[rows] for k, v in params.items()}))
+
     def _loss(self, x_a: torch.Tensor, x_b: torch.Tensor) -> torch.Tensor:
+        x_a = x_a.contiguous(memory_format=self.memory_format)
+        x_b = x_b.contiguous(memory_format=self.memory_format)
         with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
-            z_a = self.projector(self.backbone.features(x_a))
-            z_b = self.projector(self.backbone.features(x_b))
+            z_a, z_b = self.net(x_a, x_b)
         return self.loss_fn(z_a, z_b)
 
     def train_epoch(self, images: torch.Tensor, epoch: int, progress: bool | None = None) -> dict[str, Any]:
-        """Train epoch ``epoch`` (1-based) on uint8 ``images`` (any device); returns the epoch's record."""
+        """Train epoch ``epoch`` (1-based) on uint8 ``images`` (any device); returns the epoch's record.
+
+        Every rank holds all ``images``; the loss and image counts of the record are the global batch's.
+        """
         from tqdm import tqdm
 
         n = len(images)
@@ -213,18 +297,21 @@ class SSLTrainer:
             raise MkdtError(f"SSL training needs at least 2 images, got {n}")
         spe = self.steps_per_epoch(n)
         total = spe * self.schedule.epochs
+        rows = self.shard_rows(min(self.schedule.batch_size, n))
         aug_gen = generator(derive_seed(self.seed, "ssl-augment", epoch))
-        self.backbone.train()
-        self.projector.train()
+        self.net.train()
         t0, cpu0 = time.perf_counter(), time.process_time()
         total_loss, count, lr = 0.0, 0, self.schedule.lr
+        if not self.ctx.is_main:
+            progress = False
         bar = tqdm(self.batches(n, epoch), desc=f"ssl epoch {epoch}/{self.schedule.epochs}", leave=False,
                    disable=None if progress is None else not progress)
         for idx in bar:
             lr = self._set_lr(total, spe)
-            batch = images[idx.to(images.device)].to(self.device, non_blocking=True)
-            x_a = self.augment(batch, aug_gen)
-            x_b = self.augment(batch, aug_gen)
+            mine = idx[rows]
+            batch = images[mine.to(images.device)].to(self.device, non_blocking=True)
+            x_a = self._view(batch, len(idx), rows, aug_gen)
+            x_b = self._view(batch, len(idx), rows, aug_gen)
             loss = self._loss(x_a, x_b)
             if not torch.isfinite(loss):
                 raise MkdtError(f"SSL training diverged at epoch {epoch}, step {self.step} (loss {loss.item()}); "
@@ -300,29 +387,43 @@ class SSLTrainer:
         After each epoch: optional ``monitor()`` (e.g. kNN accuracy, every ``monitor_every`` epochs and
         at the last), checkpoint written, ``log_path`` (JSON lines) rewritten from the history, then
         ``on_epoch_end(epoch, record)``. ``monitor_init`` records ``monitor()`` of the initial weights
-        as epoch 0.
+        as epoch 0. Under torchrun every rank calls ``fit``; ``monitor()`` runs on rank 0 only (the others
+        receive its result) and only rank 0 writes, the others waiting until the files are on disk.
         """
         if checkpoint is not None:
             self.load_checkpoint(checkpoint, identity)
         if monitor is not None and monitor_init and not self.history:
-            self.history.append({"epoch": 0, **monitor()})
-            if checkpoint is not None:
-                self.save_checkpoint(checkpoint, identity)
-            self._write_log(log_path)
+            self.history.append({"epoch": 0, **self._on_main(monitor)})
+            self._persist(checkpoint, identity, log_path)
         for epoch in range(self.epoch + 1, self.schedule.epochs + 1):
             record = self.train_epoch(images, epoch, progress)
             if monitor is not None and (epoch % max(1, monitor_every) == 0 or epoch == self.schedule.epochs):
-                t0 = time.perf_counter()
-                record.update(monitor())
-                record["monitor_seconds"] = round(time.perf_counter() - t0, 3)
+                record.update(self._on_main(lambda: _timed(monitor)))
             self.history.append(record)
-            if checkpoint is not None:
-                self.save_checkpoint(checkpoint, identity)
-            self._write_log(log_path)
+            self._persist(checkpoint, identity, log_path)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, record)
         return self.history
 
+    def _on_main(self, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """``fn()`` evaluated on rank 0 and shared, so every rank keeps the same history."""
+        return broadcast_object(fn() if self.ctx.is_main else None, self.ctx)
+
+    def _persist(self, checkpoint: str | Path | None, identity: str, log_path: str | Path | None) -> None:
+        """Checkpoint and log, written by rank 0 alone; every rank returns once they are on disk."""
+        if self.ctx.is_main:
+            if checkpoint is not None:
+                self.save_checkpoint(checkpoint, identity)
+            self._write_log(log_path)
+        barrier(self.ctx)
+
     def _write_log(self, log_path: str | Path | None) -> None:
         if log_path is not None:
             atomic_write_text(log_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.history))
+
+
+def _timed(monitor: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    record = dict(monitor())
+    record["monitor_seconds"] = round(time.perf_counter() - t0, 3)
+    return record

@@ -4,6 +4,11 @@ Stage 1 of REFERENCE.md. The source set's labels are never used for training; wh
 monitor split is configured, a kNN classifier (k=200, T=0.1) on the representation is evaluated
 after epochs to show progress. Training checkpoints after every epoch in the stage folder and
 resumes exactly after an interruption.
+
+Launched by torchrun, training is data-parallel (DDP, see ``mkdt.ssl.train``): the loss and batch norms
+see the global batch, so the teacher equals a one-process run's up to float32 summation order. Rank 0
+alone decides whether the stage is done, runs the kNN monitor and writes every file; all ranks return
+the same result.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ import torch
 from mkdt.artifacts import RunDir, StageDir
 from mkdt.config import StageConfig, to_dict
 from mkdt.data import DataConfig, ImageSet, load_dataset
+from mkdt.distributed import DistContext, barrier, broadcast_object, init_distributed
 from mkdt.errors import MkdtError
 from mkdt.models import ModelConfig, build_model
-from mkdt.runtime import Meter, derive_seed, resolve_device, seeded
+from mkdt.runtime import Meter, derive_seed, seeded
 from mkdt.ssl import AugmentConfig, BatchAugment, ObjectiveConfig, SSLSchedule, SSLTrainer, encode, knn_accuracy
 from mkdt.teacher.io import TEACHER_FILE, import_teacher, save_teacher
 
@@ -102,29 +108,45 @@ def _import(config: TeacherConfig, stage: StageDir, cfg_dict: dict) -> dict[str,
     return {"summary": summary, "stage": str(stage.path)}
 
 
+def _load_in_turn(config: TeacherConfig, ctx: DistContext) -> tuple[ImageSet, ImageSet | None]:
+    """Source and monitor sets; under torchrun rank 0 loads (downloads, caches) first and the others then
+    read its finished cache instead of racing to write it."""
+    if ctx.is_main:
+        data = load_dataset(config.data)
+        monitor_set = _monitor_set(config, data)
+    barrier(ctx)
+    if not ctx.is_main:
+        data = load_dataset(config.data)
+        monitor_set = _monitor_set(config, data)
+    return data, monitor_set
+
+
 def train_teacher(config: TeacherConfig, *, on_epoch_end: Callable[[int, dict], None] | None = None,
                   progress: bool | None = None) -> dict[str, Any]:
     """Train (or import) the teacher; writes ``<out>/teacher/teacher.safetensors`` and ``stage.json``.
 
-    ``on_epoch_end(epoch, record)`` is called after each epoch's checkpoint is on disk (tests use it
-    to interrupt a run).
+    ``on_epoch_end(epoch, record)`` is called (on every rank) after each epoch's checkpoint is on disk
+    (tests use it to interrupt a run).
     """
+    ctx = init_distributed(config.device)
     cfg_dict = to_dict(config)
     stage = RunDir(config.out).stage("teacher")
-    if stage.is_done(cfg_dict):
-        return stage.record() or {}
-    stage.invalidate()
-    stage.save_config(config)
+    done = broadcast_object((stage.record() or {}) if ctx.is_main and stage.is_done(cfg_dict) else None, ctx)
+    if done is not None:
+        return done
+    if ctx.is_main:
+        stage.invalidate()
+        stage.save_config(config)
     if config.import_path:
-        return _import(config, stage, cfg_dict)
+        return broadcast_object(_import(config, stage, cfg_dict) if ctx.is_main else None, ctx)
 
-    device = resolve_device(config.device)
-    data = load_dataset(config.data)
-    monitor_set = _monitor_set(config, data)
+    device = ctx.device
+    data, monitor_set = _load_in_turn(config, ctx)
     with seeded(derive_seed(config.seed, "teacher-init")):
         model = build_model(config.model, in_channels=data.channels, resolution=data.resolution)
     augment = BatchAugment(config.augment, data.mean, data.std)
-    trainer = SSLTrainer(model, config.objective, config.schedule, augment, seed=config.seed, device=device)
+    trainer = SSLTrainer(model, config.objective, config.schedule, augment, seed=config.seed, device=device,
+                         ctx=ctx)
     monitor = None
     if monitor_set is not None:
         monitor = make_knn_monitor(trainer.backbone, data, monitor_set, k=config.knn_k,
@@ -136,9 +158,19 @@ def train_teacher(config: TeacherConfig, *, on_epoch_end: Callable[[int, dict], 
         history = trainer.fit(images, checkpoint=stage / CHECKPOINT_FILE, identity=stage_identity(cfg_dict),
                               monitor=monitor, monitor_every=config.monitor_every, monitor_init=config.monitor_init,
                               log_path=stage / LOG_FILE, on_epoch_end=on_epoch_end, progress=progress)
+    result = None
+    if ctx.is_main:
+        result = _finish(config, stage, cfg_dict, trainer, history, data, ctx,
+                         this_run_seconds=time.perf_counter() - t0, peak_mb=meter.as_dict()["peak_mb"])
+    return broadcast_object(result, ctx)
+
+
+def _finish(config: TeacherConfig, stage: StageDir, cfg_dict: dict, trainer: SSLTrainer, history: list[dict],
+            data: ImageSet, ctx: DistContext, *, this_run_seconds: float, peak_mb: Any) -> dict[str, Any]:
+    """Write the teacher file and ``stage.json`` (rank 0), drop the checkpoint; returns the stage result."""
     trained = [r for r in history if r.get("epoch", 0) > 0]
     knn = [r for r in history if "knn" in r]
-    meta = {"model": config.model.to_dict(), "feature_dim": int(model.feature_dim), **_data_meta(data),
+    meta = {"model": config.model.to_dict(), "feature_dim": int(trainer.backbone.feature_dim), **_data_meta(data),
             "source": "trained", "objective": config.objective.name, "epochs": config.schedule.epochs,
             "knn": knn[-1]["knn"] if knn else None}
     digest = save_teacher(stage / TEACHER_FILE, trainer.backbone, meta)
@@ -148,10 +180,10 @@ def train_teacher(config: TeacherConfig, *, on_epoch_end: Callable[[int, dict], 
         "knn": meta["knn"], "knn_init": history[0].get("knn") if history and history[0]["epoch"] == 0 else None,
         "train_seconds": round(sum(r["seconds"] for r in trained), 1),
         "images_per_second": _median([r["images_per_second"] for r in trained if r.get("images_per_second")]),
-        "this_run_seconds": round(time.perf_counter() - t0, 1), "peak_mb": meter.as_dict()["peak_mb"],
-        "device": str(device),
+        "this_run_seconds": round(this_run_seconds, 1), "peak_mb": peak_mb,
+        "device": str(ctx.device),
     }
-    stage.finish(cfg_dict, summary=summary)
+    stage.finish(cfg_dict, summary=summary, world_size=ctx.world_size)
     if not config.keep_checkpoint:
         (stage / CHECKPOINT_FILE).unlink(missing_ok=True)
     return {"summary": summary, "stage": str(stage.path)}
