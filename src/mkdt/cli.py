@@ -73,6 +73,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="the one seed that fixes every random choice")
     parser.add_argument("--out", help="run directory (artifacts go to <out>/<stage>/)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch CPU threads for this process (default: torch's choice; on a busy few-core "
+                             "machine 1 is often faster); a stage's own `threads` setting still applies inside it")
     parser.add_argument("extra", nargs="*", metavar="KEY=VALUE", help="more overrides, like --set")
 
 
@@ -146,6 +149,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        threads = getattr(args, "threads", None)
+        if threads is not None:
+            if threads < 1:
+                raise MkdtError(f"--threads must be >= 1, got {threads}")
+            import torch
+
+            torch.set_num_threads(threads)
         if args.command == "list":
             return _list()
         if args.command in ("run", "demo"):

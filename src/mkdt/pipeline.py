@@ -22,7 +22,8 @@ from mkdt.config import merge, parse_override, read_preset, read_yaml, resolve, 
 from mkdt.errors import MkdtError
 from mkdt.runtime import Meter
 
-METHODS = ("none", "random", "high_loss", "sas", "krr_st", "mkdt_random_init", "mkdt", "full")
+METHODS = ("none", "random", "high_loss", "sas", "krr_st", "mkdt_random_init", "mkdt", "full", "mtt_ssl",
+           "krr_st_own_recipe")
 
 
 @dataclass
@@ -64,7 +65,8 @@ def load_run_document(preset: str | None, files: list[str], overrides: list[str]
     """preset < files < command-line overrides < flags (--seed/--device/--out) as one mapping."""
     doc: dict = {}
     if preset:
-        doc = merge(doc, read_preset(preset))
+        # the stages then also read their own presets/<stage>/<preset>.yaml (see step_config)
+        doc = merge({"preset": preset}, read_preset(preset))
     for f in files:
         doc = merge(doc, read_yaml(f))
     doc = merge(doc, _split_overrides(overrides))
@@ -73,8 +75,9 @@ def load_run_document(preset: str | None, files: list[str], overrides: list[str]
 
 
 PRETRAIN_INPUT = {"none": (), "full": ("targets",), "random": ("init",), "high_loss": ("init",),
-                  "sas": ("subset/sas",), "krr_st": ("krr_st",), "mkdt": ("distill",),
-                  "mkdt_random_init": ("distill/random_init",)}
+                  "sas": ("subset/sas",), "krr_st": ("krr_st",), "krr_st_own_recipe": ("krr_st",),
+                  "mkdt": ("distill",),
+                  "mkdt_random_init": ("distill/random_init",), "mtt_ssl": ("distill/mtt_ssl",)}
 
 
 def _pretrain_step(method: str, out: Path, distilled: Callable[[str], str]) -> Step:
@@ -85,12 +88,30 @@ def _pretrain_step(method: str, out: Path, distilled: Callable[[str], str]) -> S
         "high_loss": dict(kind="subset", source=str(out / "init" / "high_loss.safetensors")),
         "sas": dict(kind="subset", source=str(out / "subsets" / "sas.safetensors")),
         "krr_st": dict(kind="subset", source=distilled("krr_st")),
+        # KRR-ST's set pre-trained with KRR-ST's own schedule (1000 epochs), recorded in the set file
+        "krr_st_own_recipe": dict(kind="subset", source=distilled("krr_st"), recipe="krr_st"),
         "mkdt": dict(kind="distilled", source=distilled("mkdt")),
         "mkdt_random_init": dict(kind="distilled", source=distilled("mkdt_random_init")),
+        "mtt_ssl": dict(kind="distilled", source=distilled("mtt_ssl")),
     }
     values = {"name": method, **kinds[method]}
     return Step(f"pretrain/{method}", "mkdt.evaluate", "PretrainConfig", "pretrain", "pretrain", values,
                 (f"pretrain/{method}",), PRETRAIN_INPUT[method])
+
+
+def _mtt_ssl_steps(out: Path) -> list[Step]:
+    """The naive MTT-SSL baseline: SSL experts (the ``experts`` settings with objective ssl; a section
+    ``experts/ssl:`` adjusts them) and distillation with the SSL inner objective from MKDT's high-loss
+    initial set, both under ``<out>/mtt_ssl/``, so it differs from MKDT only in the objective."""
+    root = out / "mtt_ssl"
+    return [
+        Step("experts/ssl", "mkdt.experts", "ExpertsConfig", "train_experts", "experts",
+             {"objective": "ssl", "out": str(root)}, ("mtt_ssl/experts",)),
+        Step("distill/mtt_ssl", "mkdt.distill", "DistillConfig", "distill", "distill",
+             {"inner_objective": "ssl", "init": str(out / "init" / "high_loss.safetensors"),
+              "experts_dir": str(root / "experts"), "out": str(root), "augment": False, "memory_saving": False},
+             ("mtt_ssl/distill",), ("init", "experts/ssl")),
+    ]
 
 
 def plan(doc: Mapping[str, Any]) -> tuple[RunSettings, Path, list[Step]]:
@@ -102,11 +123,11 @@ def plan(doc: Mapping[str, Any]) -> tuple[RunSettings, Path, list[Step]]:
         raise MkdtError(f"run.methods: unknown method '{unknown[0]}'; choose from {', '.join(METHODS)}")
     out = Path(str(doc.get("out", "runs/default")))
     methods = settings.methods
-    needs_experts = any(m in methods for m in ("random", "high_loss", "mkdt", "mkdt_random_init"))
+    needs_experts = any(m in methods for m in ("random", "high_loss", "mkdt", "mkdt_random_init", "mtt_ssl"))
 
     def distilled(method: str) -> str:
         folder = {"mkdt": out / "distill", "mkdt_random_init": out / "mkdt_random_init" / "distill",
-                  "krr_st": out / "krr_st"}[method]
+                  "mtt_ssl": out / "mtt_ssl" / "distill", "krr_st": out / "krr_st"}[method]
         return f"@stage:{folder}"  # resolved after the step has run (file name = number of updates)
 
     steps = [
@@ -129,10 +150,12 @@ def plan(doc: Mapping[str, Any]) -> tuple[RunSettings, Path, list[Step]]:
                           {"init": str(out / "init" / "random.safetensors"),
                            "experts_dir": str(out / "experts"), "out": str(out / "mkdt_random_init")},
                           ("mkdt_random_init",), ("init", "experts")))
+    if "mtt_ssl" in methods:
+        steps += _mtt_ssl_steps(out)
     if "sas" in methods:
         steps.append(Step("subset/sas", "mkdt.baselines", "SubsetConfig", "select_subset", "subset",
                           {"method": "sas", "name": "sas"}, ("subsets",), ("targets",)))
-    if "krr_st" in methods:
+    if "krr_st" in methods or "krr_st_own_recipe" in methods:
         steps.append(Step("krr_st", "mkdt.baselines", "KrrStConfig", "distill_krr_st", "krr_st",
                           folders=("krr_st",), after=("targets",)))
     for method in methods:
@@ -156,9 +179,22 @@ def _resolve_stage_file(value: Any) -> Any:
 
 
 def step_config(step: Step, doc: Mapping[str, Any], resolve_files: bool = True) -> Any:
+    """The step's typed config: the stage preset named by the document's ``preset`` key (if any, e.g.
+    ``cifar10-cpu`` -> ``presets/<stage>/cifar10-cpu.yaml``) < the document (its stage section, then a
+    section named after the step itself, e.g. ``pretrain/full:``, for settings of that step only) < the
+    pipeline's fixed values."""
     cls = getattr(importlib.import_module(step.module), step.config_class)
     values = {k: _resolve_stage_file(v) if resolve_files else v for k, v in step.values.items()}
-    return resolve(cls, section=step.section, docs=[doc], values=values)
+    preset = doc.get("preset")
+    if preset is not None and not isinstance(preset, str):
+        raise MkdtError(f"run document: 'preset' must be a preset name such as cifar10-cpu, not {preset!r}")
+    docs: list[Mapping[str, Any]] = [doc]
+    own = doc.get(step.name) if step.name != step.section else None
+    if own is not None:
+        if not isinstance(own, Mapping):
+            raise MkdtError(f"run document: '{step.name}' must be a mapping of {step.section} settings")
+        docs.append({step.section: own})
+    return resolve(cls, preset=preset, section=step.section, docs=docs, values=values)
 
 
 def _move_aside(out: Path, folders: tuple[str, ...], log: Callable[[str], None]) -> None:

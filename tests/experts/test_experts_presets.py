@@ -24,7 +24,9 @@ def test_presets_resolve(name):
         assert experts.num_experts == 100 and experts.model.width == 128
         assert experts.model.depth == (4 if name.startswith("tiny") else 3)
     else:
-        assert experts.model.width == 32 and experts.model.depth == 3 and experts.data.root is None
+        assert experts.model.width == 32 and experts.model.depth == 3
+        # the whole-run presets/cifar10-cpu.yaml gives every cifar10-cpu stage the same data root
+        assert experts.data.root == "../shared/data/cifar10-jpeg.tar.gz"
         assert experts.data.name == "imagefolder"
 
 

@@ -310,7 +310,7 @@ def distill_krr_st(config: KrrStConfig) -> dict[str, Any]:
                "skipped_steps": state.bad_total, "seconds_per_iteration": round(seconds_per_iteration, 4),
                "resumed_from": first, **meter.as_dict()}
     result = {"summary": summary, "path": str(out_path), "stage": str(stage.path)}
-    stage.finish(cfg, result=result)
+    stage.finish(cfg, file=out_path.name, result=result)  # file: what `mkdt run` hands to pre-training
     (stage / CHECKPOINT).unlink(missing_ok=True)
     return result
 

@@ -16,6 +16,7 @@ from mkdt.models import ModelConfig
 # values of these may be resumed (``iterations`` may be raised to extend a finished run).
 RESUMABLE_FIELDS = ("iterations", "checkpoint_every", "device", "memory_saving", "memory_budget_gb",
                     "max_bad_steps", "grid_images", "out", "threads")
+INNER_OBJECTIVES = ("kd", "ssl")
 
 
 @dataclass
@@ -45,6 +46,17 @@ class DistillConfig(StageConfig):
     max_bad_steps: int = 5
     grid_images: int = 100
     threads: int | None = None
+    # kd: MSE of the student to the learned targets (MKDT). ssl: the naive MTT-SSL baseline, the SSL loss
+    # of two augmented views of each synthetic minibatch, matched against SSL experts (distill/ssl_inner.py)
+    inner_objective: str = "kd"
+
+    def __post_init__(self) -> None:
+        """With the SSL inner objective, targets are unused (never learned) and ``memory_saving: auto``
+        means the plain path (the memory-saving reverse pass implements only the KD objective)."""
+        if self.inner_objective == "ssl":
+            self.learn_targets = False
+            if str(self.memory_saving).strip().lower() == "auto":
+                self.memory_saving = False
 
     def check(self) -> None:
         """Refuse values that cannot work, naming the key and a fix."""
@@ -71,6 +83,19 @@ class DistillConfig(StageConfig):
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
             raise MkdtError(f"distill config 'memory_budget_gb' must be positive, got {self.memory_budget_gb}")
         memory_saving_mode(self.memory_saving)
+        self._check_inner_objective()
+
+    def _check_inner_objective(self) -> None:
+        if self.inner_objective not in INNER_OBJECTIVES:
+            raise MkdtError(f"distill config 'inner_objective' must be kd or ssl, got {self.inner_objective!r}")
+        if self.inner_objective != "ssl":
+            return
+        if memory_saving_mode(self.memory_saving) == "on":
+            raise MkdtError("distill config: memory_saving is not supported with inner_objective ssl (the "
+                            "memory-saving pass implements the KD objective only); set memory_saving=false")
+        if self.augment:
+            raise MkdtError("distill config: augment (the KD path's flip/shift) is not used with inner_objective "
+                            "ssl, whose two views use the experts' own SSL augmentation; set augment=false")
 
 
 def memory_saving_mode(value: Any) -> str:
@@ -88,8 +113,14 @@ def memory_saving_mode(value: Any) -> str:
 
 
 def resume_key(config_dict: dict) -> dict:
-    """The part of a config a checkpoint must agree with to be resumed."""
-    return {k: v for k, v in config_dict.items() if k not in RESUMABLE_FIELDS}
+    """The part of a config a checkpoint must agree with to be resumed.
+
+    ``inner_objective: kd`` is left out, so checkpoints written before the option existed still resume.
+    """
+    key = {k: v for k, v in config_dict.items() if k not in RESUMABLE_FIELDS}
+    if key.get("inner_objective") == "kd":
+        del key["inner_objective"]
+    return key
 
 
 @dataclass

@@ -61,6 +61,30 @@ def _check_metadata(path: Path, meta: dict[str, Any], expect: dict[str, Any]) ->
                             f"({hints.get(key, 'mismatch')}); use experts and an initial set of the same run")
 
 
+def expert_files(folder: Path) -> list[Path]:
+    """The folder's expert files in order; none is an error naming the folder and the fix."""
+    files = sorted(folder.glob(EXPERT_GLOB)) if folder.is_dir() else []
+    if not files:
+        raise MkdtError(f"{folder}: no {EXPERT_GLOB} files; run `mkdt experts` first or set experts_dir")
+    return files
+
+
+def expert_objective(meta: dict[str, Any]) -> str:
+    """What an expert was trained with: ``ssl`` (MTT-SSL) or ``kd`` (MKDT; files without the key)."""
+    return str(meta.get("objective", "kd"))
+
+
+def check_objective(path: Path, meta: dict[str, Any], objective: str) -> None:
+    """Refuse an expert trained with another objective than the distillation's inner one (one line)."""
+    trained = expert_objective(meta)
+    if trained == objective:
+        return
+    fix = {"ssl": "point experts_dir at SSL experts (`mkdt experts --set objective=ssl`)",
+           "kd": "point experts_dir at KD experts (`mkdt experts`)"}.get(objective, "use matching experts")
+    raise MkdtError(f"{path.parent}: expert {path.name} was trained with objective {trained} but distill "
+                    f"inner_objective is {objective}; set inner_objective={trained} or {fix}")
+
+
 @dataclass
 class Expert:
     """One checked trajectory file: where it is and which row holds which epoch."""
@@ -82,25 +106,27 @@ class ExpertBank:
 
     @classmethod
     def open(cls, folder: str | Path, layout: ParamLayout, model: ModelConfig, epochs_needed: int,
-             expert_epochs: int, expect: dict[str, Any] | None = None) -> "ExpertBank":
+             expert_epochs: int, expect: dict[str, Any] | None = None, objective: str = "kd") -> "ExpertBank":
         """Check every ``expert_*.safetensors`` in ``folder`` (one at a time, so memory stays bounded).
 
-        Each must match the student's layout and model, agree with ``expect`` (metadata the synthetic
-        set implies: channels, resolution, target dim, normalisation, data fingerprint), store epochs
-        ``0..epochs_needed-1`` and move between every start epoch and its target epoch (zero
-        displacement makes the loss divide by zero).
+        Each must have been trained with ``objective`` (the distillation's inner objective: KD experts
+        for MKDT, SSL experts for MTT-SSL; never mixed), match the student's layout and model, agree
+        with ``expect`` (metadata the synthetic set implies: channels, resolution, target dim,
+        normalisation, data fingerprint), store epochs ``0..epochs_needed-1`` and move between every
+        start epoch and its target epoch (zero displacement makes the loss divide by zero).
         """
         folder = Path(folder)
-        files = sorted(folder.glob(EXPERT_GLOB)) if folder.is_dir() else []
-        if not files:
-            raise MkdtError(f"{folder}: no {EXPERT_GLOB} files; run `mkdt experts` first or set experts_dir")
-        experts = [cls._check(path, layout, model, epochs_needed, expert_epochs, expect or {}) for path in files]
+        files = expert_files(folder)
+        experts = [cls._check(path, layout, model, epochs_needed, expert_epochs, expect or {}, objective)
+                   for path in files]
         return cls(experts, layout)
 
     @staticmethod
     def _check(path: Path, layout: ParamLayout, model: ModelConfig, epochs_needed: int,
-               expert_epochs: int, expect: dict[str, Any]) -> Expert:
-        _check_metadata(path, read_metadata(path), expect)
+               expert_epochs: int, expect: dict[str, Any], objective: str = "kd") -> Expert:
+        meta = read_metadata(path)
+        check_objective(path, meta, objective)
+        _check_metadata(path, meta, expect)
         traj = load_trajectory(path, layout=layout)
         stored_model = traj.meta.get("model")
         if isinstance(stored_model, dict) and _canonical_model(stored_model) != _canonical_model(model.to_dict()):

@@ -6,6 +6,11 @@ and is compared with the expert ``expert_epochs`` later:
     loss = ||theta_N - theta*||^2 / ||theta_0 - theta*||^2.
 This module holds the "plain" path (autograd keeps every step's graph, as the authors' code does);
 ``memory.py`` computes the same gradients keeping one step alive at a time.
+
+A student module may bring its own inner objective: one with a ``step_loss(layout, theta, images,
+step)`` method (MTT-SSL's :class:`mkdt.distill.ssl_inner.SSLInnerStudent`, the SSL loss of two views
+of the minibatch) is unrolled on that loss instead of the KD MSE; targets then play no part. Only the
+plain path supports such students: :func:`inner_loss`, which the memory-saving pass calls, refuses them.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mkdt.distill import augment as aug
+from mkdt.errors import MkdtError
 from mkdt.models.functional import ParamLayout, functional_forward
 
 
@@ -96,11 +102,24 @@ def step_batch(images: torch.Tensor, targets: torch.Tensor, step: InnerStep) -> 
 def inner_loss(student: nn.Module, layout: ParamLayout, theta: torch.Tensor, x: torch.Tensor,
                y: torch.Tensor) -> torch.Tensor:
     """The student's KD objective on one minibatch: MSE(student(x), y), mean over all entries."""
+    if hasattr(student, "step_loss"):
+        raise MkdtError("the memory-saving path implements only the KD inner objective; set memory_saving=false "
+                        "for inner_objective ssl")
     return F.mse_loss(functional_forward(student, layout, theta, x), y)
 
 
+def step_loss(problem: Problem, theta: torch.Tensor, step: InnerStep) -> torch.Tensor:
+    """The inner objective of one step: the student's own (e.g. SSL) if it has one, else KD MSE."""
+    own = getattr(problem.student, "step_loss", None)
+    if own is not None:
+        return own(problem.layout, theta, problem.images, step)
+    x, y = step_batch(problem.images, problem.targets, step)
+    return inner_loss(problem.student, problem.layout, theta, x, y)
+
+
 def matching_loss(theta_n: torch.Tensor, theta0: torch.Tensor, theta_star: torch.Tensor) -> torch.Tensor:
-    """||theta_N - theta*||^2 / ||theta_0 - theta*||^2 over all parameters (head included)."""
+    """||theta_N - theta*||^2 / ||theta_0 - theta*||^2 over all stored parameters (KD head, or for
+    MTT-SSL the projector, included)."""
     return (theta_n - theta_star).pow(2).sum() / (theta0 - theta_star).pow(2).sum()
 
 
@@ -108,8 +127,7 @@ def unroll(problem: Problem) -> torch.Tensor:
     """theta_N with the graph of every step kept (differentiable in images, targets and lr)."""
     theta = problem.theta0.detach().requires_grad_(True)
     for step in problem.steps:
-        x, y = step_batch(problem.images, problem.targets, step)
-        loss = inner_loss(problem.student, problem.layout, theta, x, y)
+        loss = step_loss(problem, theta, step)
         (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
         theta = theta - problem.lr * grad
     return theta

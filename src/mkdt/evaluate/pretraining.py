@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from mkdt.artifacts import StageDir, atomic_write_text, config_digest, save_tensors, to_json
+from mkdt.artifacts import StageDir, atomic_write_text, config_digest, read_metadata, save_tensors, to_json
 from mkdt.config import StageConfig, to_dict
 from mkdt.data import DataConfig, load_dataset
 from mkdt.errors import MkdtError
@@ -68,6 +68,9 @@ class PretrainConfig(StageConfig):
     weight_decay: float = 1e-4
     batch_size: int = 256
     ssl: SslSettings = dataclasses.field(default_factory=SslSettings)  # kind=ssl only
+    # A pre-training recipe recorded in the set file's metadata (e.g. krr_st: KRR-ST's own 1000-epoch
+    # schedule); its epochs / lr / momentum / weight_decay / batch_size replace the ones above.
+    recipe: str | None = None
 
 
 class Regressor(nn.Module):
@@ -197,6 +200,29 @@ def from_data_only(cfg: PretrainConfig) -> TrainingSet:
                        data.resolution, data.fingerprint())
 
 
+RECIPE_FIELDS = ("epochs", "lr", "momentum", "weight_decay", "batch_size")
+
+
+def with_recipe(cfg: PretrainConfig) -> PretrainConfig:
+    """``cfg`` with the schedule of the recipe ``cfg.recipe`` stored in the source set's metadata."""
+    if not cfg.recipe:
+        return cfg
+    if cfg.kind not in ("distilled", "subset"):
+        raise MkdtError(f"pretrain recipe '{cfg.recipe}' needs kind distilled or subset (a set file that records "
+                        f"recipes), not kind {cfg.kind}")
+    path = source_path(cfg)
+    if not path.is_file():
+        raise MkdtError(f"{path}: set file not found; it must exist to read its recipe '{cfg.recipe}'")
+    recipes = read_metadata(path).get("recipes") or {}
+    if cfg.recipe not in recipes:
+        names = ", ".join(sorted(recipes)) or "none"
+        raise MkdtError(f"{path}: records no pre-training recipe '{cfg.recipe}' (recorded: {names}); "
+                        f"unset recipe or choose a recorded one")
+    chosen = recipes[cfg.recipe]
+    cast = {"epochs": int, "batch_size": int}
+    return dataclasses.replace(cfg, **{k: cast.get(k, float)(chosen[k]) for k in RECIPE_FIELDS if k in chosen})
+
+
 def training_set(cfg: PretrainConfig) -> TrainingSet:
     if cfg.kind in ("distilled", "subset", "ssl"):
         return from_synthetic(cfg)
@@ -300,12 +326,14 @@ def pretrain(config: PretrainConfig) -> dict:
     if record and record.get("input_digest") == digest and (stage / "encoder.safetensors").is_file():
         return record["result"]  # same config and same input file: nothing to do
     device = resolve_device(config.device)
+    recorded = config
+    config = with_recipe(config)
     with Meter() as meter:
         # Inputs and architecture are checked before anything is written.
         ts = training_set(config)
         encoder = build_encoder(config, ts.channels, ts.resolution, device)
         stage.ensure().invalidate()
-        stage.save_config(config)
+        stage.save_config(recorded)
         losses: list[float] = []
         if config.kind == "ssl":
             losses = ssl_pretrain(config, encoder, ts, device, stage)
