@@ -78,6 +78,12 @@ def test_projectors_follow_reference():
     assert seq[-1].num_features == 128
     wide = build_projector(ObjectiveConfig(projector_out=2048), feature_dim=128)
     assert wide(torch.randn(4, 128)).shape == (4, 2048)
+    deep = build_projector(ObjectiveConfig(projector_layers=3), feature_dim=128)
+    shapes = [(m.in_features, m.out_features) for m in deep.modules() if isinstance(m, nn.Linear)]
+    assert shapes == [(128, 512), (512, 512), (512, 1024)]
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in deep.modules()) == 2
+    with pytest.raises(MkdtError, match="projector_layers"):
+        build_projector(ObjectiveConfig(projector_layers=0), feature_dim=128)
 
 
 def test_loss_is_float32_and_rejects_bad_config():

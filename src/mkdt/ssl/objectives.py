@@ -46,6 +46,9 @@ class ObjectiveConfig:
     projector_out: int | None = None
     lambda_offdiag: float = 1 / 128
     temperature: float = 0.5
+    # Barlow Twins: linear layers of the projector (every one but the last with BN + ReLU); 2 is mix-bt's
+    # 512-512-1024 head on a 512-d ResNet-18, 3 gives a narrow backbone the same 512-512-1024 layers
+    projector_layers: int = 2
 
     def check(self) -> None:
         if self.name not in OBJECTIVES:
@@ -54,6 +57,8 @@ class ObjectiveConfig:
             raise MkdtError(f"objective.temperature must be positive, got {self.temperature}")
         if self.lambda_offdiag < 0:
             raise MkdtError(f"objective.lambda_offdiag must be >= 0, got {self.lambda_offdiag}")
+        if not isinstance(self.projector_layers, int) or self.projector_layers < 1:
+            raise MkdtError(f"objective.projector_layers must be an integer >= 1, got {self.projector_layers!r}")
 
     def projector_dims(self) -> tuple[int, int]:
         hidden, out = DEFAULT_PROJECTOR[self.name]
@@ -65,7 +70,9 @@ def build_projector(config: ObjectiveConfig, feature_dim: int) -> nn.Module:
     config.check()
     hidden, out = config.projector_dims()
     if config.name == "barlow_twins":
-        return ProjectionHead([(feature_dim, hidden, nn.BatchNorm1d(hidden), nn.ReLU()), (hidden, out, None, None)])
+        widths = [feature_dim] + [hidden] * (config.projector_layers - 1)
+        blocks = [(a, b, nn.BatchNorm1d(b), nn.ReLU()) for a, b in zip(widths[:-1], widths[1:])]
+        return ProjectionHead([*blocks, (widths[-1], out, None, None)])
     return SimCLRProjectionHead(feature_dim, hidden, out, num_layers=2, batch_norm=True)
 
 
