@@ -187,7 +187,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"(other jobs shared the machine; minutes per epoch: {t['epoch_minutes']}).", "",
         ]
     for e in results.get("earlier_training_runs", []):
-        lines += [f"Earlier full run, {e['date']} (`{e['command']}`, {e.get('threads')} thread(s), load average "
+        lines += [f"Other full run, {e['date']} (`{e['command']}`, {e.get('threads')} thread(s), load average "
                   f"{e.get('load_start')} -> {e.get('load_end')}): kNN {100 * (e['knn_teacher'] or 0):.1f}% after "
                   f"{e['epochs']} epochs, {e['training_minutes']} min of training, {e['images_per_second']} images/s "
                   f"(median epoch)." + (f" Recipe: {e['note']}." if e.get("note") else ""), ""]
