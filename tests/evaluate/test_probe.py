@@ -123,7 +123,7 @@ def test_features_are_cached_per_encoder_and_data(tmp_path, random_encoder, monk
         raise AssertionError("features should come from the cache")
 
     monkeypatch.setattr(probe_mod, "extract_features", no_extract)
-    res = probe(small(tmp_path, enc, percents=[10.0]))  # other config, same encoder and data
+    res = probe(small(tmp_path, enc, reg=1e-2))  # other config, same encoder, data and labelled subsets
     assert len(res["runs"]) == 4
     monkeypatch.undo()
     other = random_encoder(seed=1, out=tmp_path / "other")
@@ -132,6 +132,36 @@ def test_features_are_cached_per_encoder_and_data(tmp_path, random_encoder, monk
     now = sorted((tmp_path / "probe" / "none" / "features").glob("*.safetensors"))
     new_digest = probe_mod.load_encoder(enc).digest
     assert new_digest != digest and len(now) == 2 and all(p.name.startswith(new_digest) for p in now)
+
+
+def test_only_labelled_training_images_are_encoded(tmp_path, random_encoder, monkeypatch):
+    """A 5% probe encodes the union of its labelled subsets (plus the test split), not the whole train
+    split; a later probe with more labels encodes only the rows the cache lacks, and its accuracies equal
+    a probe that encoded everything."""
+    enc = random_encoder()
+    counts = []
+    real = probe_mod.extract_features
+
+    def spy(model, images, mean, std, **kw):
+        counts.append(len(images))
+        return real(model, images, mean, std, **kw)
+
+    monkeypatch.setattr(probe_mod, "extract_features", spy)
+    probe(small(tmp_path, enc))
+    digits_train, digits_test = 1437, 360  # the digits source's train / test split sizes
+    cfg = small(tmp_path, enc)
+    labels = probe_mod.load_split_set(DIGITS[0], "train", probe_mod.load_encoder(enc)).labels
+    rows = probe_mod.labelled_rows(cfg, labels)
+    assert sorted(counts) == sorted([len(rows), digits_test]) and len(rows) < digits_train // 2
+    counts.clear()
+    wider = probe(small(tmp_path, enc, percents=[5.0, 10.0]))
+    wider_rows = probe_mod.labelled_rows(small(tmp_path, enc, percents=[5.0, 10.0]), labels)
+    assert counts == [len(wider_rows) - len(rows)]  # only the new rows; the test split came from the cache
+    full = probe(small(tmp_path / "full", enc, percents=[5.0, 10.0, 60.0]))  # >= half: encodes everything
+    for run in wider["runs"]:
+        same = [r for r in full["runs"] if (r["protocol"], r["percent"], r["seed"]) ==
+                (run["protocol"], run["percent"], run["seed"])]
+        assert same[0]["accuracy"] == pytest.approx(run["accuracy"], abs=1e-6)
 
 
 def test_downstream_is_adapted_and_normalised_with_encoder_stats(tmp_path, random_encoder, monkeypatch):
