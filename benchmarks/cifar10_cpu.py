@@ -146,13 +146,23 @@ def fmt(cell: dict | None) -> str:
     return text + (" (collapsed)" if cell.get("collapsed") else "")
 
 
+def seeds_sentence(report: dict[str, Any]) -> str:
+    seeds = report.get("eval_seeds")
+    if seeds:
+        return (f"Linear-probe accuracy (%), mean ± std (ddof 1) over evaluation seeds {', '.join(map(str, seeds))}: "
+                f"each seed pre-trains its own encoder on the method's set and draws its own labelled subset, so "
+                f"the spread includes the pre-training's randomness.")
+    return ("Linear-probe accuracy (%), mean ± std over probe seeds 0-2 (the labelled subset changes; "
+            "pre-training is seed 0).")
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = ["## CIFAR-10 2% on CPU (`benchmarks/cifar10_cpu.py`)", "",
-             f"Run {report['date']}: `{report['command']}` ({report.get('cpus')} CPUs, torch threads "
-             f"{report.get('threads')}, whole run {report.get('total_minutes')} min as the sum of its stages"
+             f"Run {report['date']}: `{report['command']}` ({report.get('cpus')} CPUs, "
+             f"{report.get('processes', 1)} torchrun process(es) for experts / distill / probe, torch threads "
+             f"{report.get('threads')} in the pipeline's own process, whole run {report.get('total_minutes')} min as the sum of its stages"
              f"{', teacher imported' if report.get('teacher_imported') else ', teacher trained'}).", "",
-             "Linear-probe accuracy (%), mean ± std over probe seeds 0-2 (the labelled subset changes; "
-             "pre-training is seed 0).", ""]
+             seeds_sentence(report), ""]
     results = report["results"]
     methods = [m for m in METHODS + EXTRA_METHODS if m in results]
     for downstream in DOWNSTREAM:
@@ -198,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     state = run_pipeline(doc)
     out = Path(str(doc["out"]))
     report = {"command": command, "date": date, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-              "teacher_imported": not args.train_teacher, "out": str(out),
+              "teacher_imported": not args.train_teacher, "out": str(out), "eval_seeds": state.get("eval_seeds"),
+              "processes": (doc.get("run") or {}).get("processes", 1),
               "last_invocation_minutes": round((time.perf_counter() - t0) / 60, 1),
               **collect(out, state, downstream_names(doc))}
     # stages finished by an earlier invocation keep their recorded cost

@@ -89,3 +89,45 @@ def test_run_command_reads_a_document_and_rejects_unknown_methods(tmp_path, caps
 def test_overrides_reach_their_sections():
     doc = load_run_document("demo", [], ["distill.iterations=7", "data.resolution=8"], {"out": "x"})
     assert doc["distill"]["iterations"] == 7 and doc["data"]["resolution"] == 8 and doc["out"] == "x"
+
+
+def seeded_document(out, processes: int) -> dict:
+    doc = tiny_document(out)
+    doc["run"] = {"methods": ["none"], "eval_seeds": [0, 1], "processes": processes}
+    doc["probe"]["percents"] = [5, 10]
+    return doc
+
+
+def test_eval_seeds_pretrain_one_encoder_per_seed_and_merge_the_probes(tmp_path):
+    """With run.eval_seeds each seed pre-trains its own encoder and probes it on that seed's labelled
+    subsets; probe/<method>/results.json holds every seed's runs; torchrun launches (run.processes 2)
+    give the numbers one process gives."""
+    torch.set_num_threads(1)
+    one = run_pipeline(seeded_document(tmp_path / "one", processes=1), log=lambda line: None)
+    two = run_pipeline(seeded_document(tmp_path / "two", processes=2), log=lambda line: None)
+    names = ["teacher", "targets", "pretrain/none_seed0", "probe/none_seed0", "pretrain/none_seed1", "probe/none_seed1"]
+    assert one["order"] == names and two["order"] == names
+    assert [n for n in names if two["steps"][n].get("processes") == 2] == ["teacher", "probe/none_seed0",
+                                                                            "probe/none_seed1"]
+    for state, root in ((one, tmp_path / "one"), (two, tmp_path / "two")):
+        merged = json.loads((root / "probe" / "none" / "results.json").read_text())
+        per_seed = [json.loads((root / "probe" / f"none_seed{s}" / "results.json").read_text()) for s in (0, 1)]
+        assert len(set(merged["encoders"])) == 2 and merged["seeds"] == [0, 1]
+        for pct in ("5", "10"):
+            cell = merged["summary"]["digits"]["converged"][pct]
+            assert cell["n"] == 2 and cell["seeds"] == [0, 1]
+            assert cell["accuracies"] == [p["summary"]["digits"]["converged"][pct]["accuracies"][0] for p in per_seed]
+    merged_one = json.loads((tmp_path / "one" / "probe" / "none" / "results.json").read_text())["summary"]
+    merged_two = json.loads((tmp_path / "two" / "probe" / "none" / "results.json").read_text())["summary"]
+    assert merged_one == merged_two
+    assert (tmp_path / "two" / "launch" / "probe__none_seed1.yaml").is_file()
+
+
+def test_bad_run_settings_are_refused(tmp_path):
+    doc = seeded_document(tmp_path, processes=0)
+    with pytest.raises(Exception, match="run.processes"):
+        plan(doc)
+    doc = seeded_document(tmp_path, processes=1)
+    doc["run"]["eval_seeds"] = [1, 1]
+    with pytest.raises(Exception, match="eval_seeds"):
+        plan(doc)

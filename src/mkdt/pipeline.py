@@ -11,14 +11,17 @@ folder is moved aside to ``<folder>.stale`` and the step and everything after it
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from mkdt.artifacts import config_digest, load_json, save_json
-from mkdt.config import merge, parse_override, read_preset, read_yaml, resolve, to_dict
+from mkdt.artifacts import atomic_write_text, config_digest, load_json, save_json
+from mkdt.config import dump_yaml, merge, parse_override, read_preset, read_yaml, resolve, to_dict
 from mkdt.errors import MkdtError
 from mkdt.runtime import Meter
 
@@ -28,10 +31,27 @@ METHODS = ("none", "random", "high_loss", "sas", "krr_st", "mkdt_random_init", "
 
 @dataclass
 class RunSettings:
-    """The ``run:`` section: which methods to evaluate (names as in the benchmark JSON)."""
+    """The ``run:`` section: which methods to evaluate (names as in the benchmark JSON), how many seeds
+    the evaluation uses, and how many processes the stages that support torchrun get."""
 
     methods: list[str] = field(default_factory=lambda: ["none", "random", "high_loss", "mkdt"])
     report: bool = True
+    # Evaluation seeds: for each seed s, a fresh encoder is pre-trained with seed s and probed on the labelled
+    # subsets of seed s, so the reported spread includes the pre-training's randomness (not only the labelled
+    # subset's). None: one encoder (the run's seed), probed with the probe section's seeds.
+    eval_seeds: list[int] | None = None
+    # Processes for teacher, experts, distill and probe: > 1 launches those steps with
+    # `torchrun --standalone --nproc_per_node=<processes>` (each worker gets cpu cores / processes threads).
+    processes: int = 1
+
+    def check(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise MkdtError(f"run.methods: unknown method '{unknown[0]}'; choose from {', '.join(METHODS)}")
+        if self.eval_seeds is not None and (not self.eval_seeds or len(set(self.eval_seeds)) != len(self.eval_seeds)):
+            raise MkdtError(f"run.eval_seeds must be a non-empty list of distinct seeds (or null), got {self.eval_seeds}")
+        if not isinstance(self.processes, int) or self.processes < 1:
+            raise MkdtError(f"run.processes must be an integer >= 1, got {self.processes!r}")
 
 
 @dataclass
@@ -46,6 +66,7 @@ class Step:
     values: dict[str, Any] = field(default_factory=dict)  # fixed by the pipeline (kind, source, ...)
     folders: tuple[str, ...] = ()  # folders under out that hold this step's outputs
     after: tuple[str, ...] = ()  # steps whose outputs this step reads
+    command: str | None = None  # the `mkdt` subcommand, for steps that can run under torchrun
 
 
 def _split_overrides(overrides: list[str]) -> dict:
@@ -80,7 +101,7 @@ PRETRAIN_INPUT = {"none": (), "full": ("targets",), "random": ("init",), "high_l
                   "mkdt_random_init": ("distill/random_init",), "mtt_ssl": ("distill/mtt_ssl",)}
 
 
-def _pretrain_step(method: str, out: Path, distilled: Callable[[str], str]) -> Step:
+def _pretrain_step(method: str, out: Path, distilled: Callable[[str], str], seed: int | None = None) -> Step:
     kinds = {
         "none": dict(kind="none"),
         "full": dict(kind="full"),
@@ -94,9 +115,31 @@ def _pretrain_step(method: str, out: Path, distilled: Callable[[str], str]) -> S
         "mkdt_random_init": dict(kind="distilled", source=distilled("mkdt_random_init")),
         "mtt_ssl": dict(kind="distilled", source=distilled("mtt_ssl")),
     }
-    values = {"name": method, **kinds[method]}
-    return Step(f"pretrain/{method}", "mkdt.evaluate", "PretrainConfig", "pretrain", "pretrain", values,
-                (f"pretrain/{method}",), PRETRAIN_INPUT[method])
+    name = method if seed is None else seeded_name(method, seed)
+    values = {"name": name, **kinds[method], **({} if seed is None else {"seed": seed})}
+    return Step(f"pretrain/{name}", "mkdt.evaluate", "PretrainConfig", "pretrain", "pretrain", values,
+                (f"pretrain/{name}",), PRETRAIN_INPUT[method])
+
+
+def seeded_name(method: str, seed: int) -> str:
+    """The pretrain/probe folder of one evaluation seed of a method, e.g. ``mkdt_seed1``."""
+    return f"{method}_seed{seed}"
+
+
+def _evaluation_steps(method: str, out: Path, distilled: Callable[[str], str],
+                      eval_seeds: list[int] | None) -> list[Step]:
+    """Pre-training and probe of one method: one encoder, or one per evaluation seed (probed on that
+    seed's labelled subsets only; ``combine_probe_results`` merges them into ``probe/<method>``)."""
+    steps = []
+    for seed in eval_seeds if eval_seeds is not None else [None]:
+        pre = _pretrain_step(method, out, distilled, seed)
+        name = pre.values["name"]
+        values = {"name": name, "encoder": str(out / "pretrain" / name / "encoder.safetensors")}
+        if seed is not None:
+            values["seeds"] = [seed]
+        steps += [pre, Step(f"probe/{name}", "mkdt.evaluate", "ProbeConfig", "probe", "probe", values,
+                            (f"probe/{name}",), (pre.name,), command="probe")]
+    return steps
 
 
 def _mtt_ssl_steps(out: Path) -> list[Step]:
@@ -106,11 +149,11 @@ def _mtt_ssl_steps(out: Path) -> list[Step]:
     root = out / "mtt_ssl"
     return [
         Step("experts/ssl", "mkdt.experts", "ExpertsConfig", "train_experts", "experts",
-             {"objective": "ssl", "out": str(root)}, ("mtt_ssl/experts",)),
+             {"objective": "ssl", "out": str(root)}, ("mtt_ssl/experts",), command="experts"),
         Step("distill/mtt_ssl", "mkdt.distill", "DistillConfig", "distill", "distill",
              {"inner_objective": "ssl", "init": str(out / "init" / "high_loss.safetensors"),
               "experts_dir": str(root / "experts"), "out": str(root), "augment": False, "memory_saving": False},
-             ("mtt_ssl/distill",), ("init", "experts/ssl")),
+             ("mtt_ssl/distill",), ("init", "experts/ssl"), command="distill"),
     ]
 
 
@@ -118,9 +161,7 @@ def plan(doc: Mapping[str, Any]) -> tuple[RunSettings, Path, list[Step]]:
     """The ordered steps for a run document."""
     settings = resolve(RunSettings, section="run", docs=[{}],
                        values=dict(doc.get("run", {})) if isinstance(doc.get("run"), Mapping) else None)
-    unknown = [m for m in settings.methods if m not in METHODS]
-    if unknown:
-        raise MkdtError(f"run.methods: unknown method '{unknown[0]}'; choose from {', '.join(METHODS)}")
+    settings.check()
     out = Path(str(doc.get("out", "runs/default")))
     methods = settings.methods
     needs_experts = any(m in methods for m in ("random", "high_loss", "mkdt", "mkdt_random_init", "mtt_ssl"))
@@ -131,25 +172,26 @@ def plan(doc: Mapping[str, Any]) -> tuple[RunSettings, Path, list[Step]]:
         return f"@stage:{folder}"  # resolved after the step has run (file name = number of updates)
 
     steps = [
-        Step("teacher", "mkdt.teacher", "TeacherConfig", "train_teacher", "teacher", folders=("teacher",)),
+        Step("teacher", "mkdt.teacher", "TeacherConfig", "train_teacher", "teacher", folders=("teacher",),
+             command="teacher"),
         Step("targets", "mkdt.teacher", "TargetsConfig", "compute_targets", "targets", folders=("targets",),
              after=("teacher",)),
     ]
     if needs_experts:
         steps += [
             Step("experts", "mkdt.experts", "ExpertsConfig", "train_experts", "experts", folders=("experts",),
-                 after=("targets",)),
+                 after=("targets",), command="experts"),
             Step("init", "mkdt.experts", "InitConfig", "select_initial_set", "init", folders=("init",),
                  after=("experts", "targets")),
         ]
     if "mkdt" in methods:
         steps.append(Step("distill", "mkdt.distill", "DistillConfig", "distill", "distill",
-                          {"init": "high_loss"}, ("distill",), ("init", "experts")))
+                          {"init": "high_loss"}, ("distill",), ("init", "experts"), command="distill"))
     if "mkdt_random_init" in methods:
         steps.append(Step("distill/random_init", "mkdt.distill", "DistillConfig", "distill", "distill",
                           {"init": str(out / "init" / "random.safetensors"),
                            "experts_dir": str(out / "experts"), "out": str(out / "mkdt_random_init")},
-                          ("mkdt_random_init",), ("init", "experts")))
+                          ("mkdt_random_init",), ("init", "experts"), command="distill"))
     if "mtt_ssl" in methods:
         steps += _mtt_ssl_steps(out)
     if "sas" in methods:
@@ -159,10 +201,7 @@ def plan(doc: Mapping[str, Any]) -> tuple[RunSettings, Path, list[Step]]:
         steps.append(Step("krr_st", "mkdt.baselines", "KrrStConfig", "distill_krr_st", "krr_st",
                           folders=("krr_st",), after=("targets",)))
     for method in methods:
-        steps.append(_pretrain_step(method, out, distilled))
-        steps.append(Step(f"probe/{method}", "mkdt.evaluate", "ProbeConfig", "probe", "probe",
-                          {"name": method, "encoder": str(out / "pretrain" / method / "encoder.safetensors")},
-                          (f"probe/{method}",), (f"pretrain/{method}",)))
+        steps += _evaluation_steps(method, out, distilled, settings.eval_seeds)
     return settings, out, steps
 
 
@@ -235,21 +274,38 @@ def run_pipeline(doc: Mapping[str, Any], log: Callable[[str], None] = print) -> 
             _move_aside(out, step.folders, log)
             previous = {}
         finished = previous.get("key") == key and previous.get("finished")
-        log(f"{prefix}: {'done before' if finished else 'running'}")
+        config = step_config(step, doc)
+        # an imported teacher is a file copy: not worth starting processes for
+        launch = (settings.processes > 1 and step.command is not None and not finished
+                  and not getattr(config, "import_path", None))
+        log(f"{prefix}: {'done before' if finished else 'running'}"
+            f"{f' ({settings.processes} processes)' if launch else ''}")
         if not finished:
             redone.add(step.name)
             # remember the key now, so a change to an interrupted step is detected too
             state["steps"][step.name] = {"key": key, "finished": False}
             save_json(state_path, state)
         function = getattr(importlib.import_module(step.module), step.function)
-        with Meter() as meter:
-            result = function(step_config(step, doc))
+        with Meter(children=True) as meter:
+            if launch:
+                launch_torchrun(step, config, settings.processes, out / "launch")
+            # after a torchrun launch the stage is done: the call only reads its recorded result
+            result = function(config)
         entry = {"key": key, "finished": True, "summary": (result or {}).get("summary", {}),
                  "measure": previous.get("measure") if finished and previous.get("measure") else meter.as_dict()}
+        if launch:
+            entry["processes"] = settings.processes
         state["steps"][step.name] = entry
         save_json(state_path, state)
+    if settings.eval_seeds is not None:
+        from mkdt.evaluate import combine_probe_results
+
+        for method in settings.methods:
+            combine_probe_results([out / "probe" / seeded_name(method, s) / "results.json" for s in settings.eval_seeds],
+                                  out / "probe" / method / "results.json", name=method)
     state["order"] = [step.name for step in steps]
     state["methods"] = settings.methods
+    state["eval_seeds"] = settings.eval_seeds
     state["seconds"] = round(time.perf_counter() - t_start, 2)
     save_json(state_path, state)
     if settings.report:
@@ -259,6 +315,29 @@ def run_pipeline(doc: Mapping[str, Any], log: Callable[[str], None] = print) -> 
         state["report"] = {k: str(v) for k, v in paths.items()}
         log(f"report: {paths['html']}")
     return state
+
+
+def launch_torchrun(step: Step, config: Any, processes: int, folder: Path) -> None:
+    """Run ``mkdt <step.command>`` with ``config`` under ``torchrun --standalone`` and wait for it.
+
+    The resolved config goes to ``<folder>/<step>.yaml`` and is read back here first: the workers must
+    resolve exactly this config (the in-process call after the launch then finds the stage done).
+    Each worker gets ``cpu cores / processes`` torch threads unless ``OMP_NUM_THREADS`` is set.
+    """
+    path = folder / f"{step.name.replace('/', '__')}.yaml"
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, dump_yaml(config))
+    if to_dict(resolve(type(config), section=step.section, files=[path])) != to_dict(config):
+        raise MkdtError(f"{path}: the config does not survive a YAML round trip, so {step.name} cannot be "
+                        f"launched with torchrun; set run.processes=1")
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           "-m", "mkdt", step.command or "", "--config", str(path)]
+    code = subprocess.call(cmd, env=env)
+    if code != 0:
+        raise MkdtError(f"{step.name}: torchrun exited with code {code} (its workers' errors are printed above); "
+                        f"re-run to resume, or set run.processes=1")
 
 
 def run_from_cli(preset: str | None, files: list[str], overrides: list[str], values: Mapping[str, Any],
@@ -279,4 +358,5 @@ def run_from_cli(preset: str | None, files: list[str], overrides: list[str], val
     return run_pipeline(doc)
 
 
-__all__ = ["RunSettings", "Step", "plan", "run_pipeline", "load_run_document", "run_from_cli"]
+__all__ = ["RunSettings", "Step", "plan", "run_pipeline", "load_run_document", "run_from_cli", "launch_torchrun",
+           "seeded_name"]

@@ -70,32 +70,63 @@ def set_deterministic(seed: int) -> None:
 # ----------------------------------------------------------------------------------------------
 # measurement
 # ----------------------------------------------------------------------------------------------
-def current_rss_mb() -> float:
-    """Resident memory of this process in MB (Linux /proc; 0 elsewhere)."""
+def current_rss_mb(pid: int | str = "self") -> float:
+    """Resident memory of a process (default: this one) in MB (Linux /proc; 0 elsewhere)."""
     try:
-        with open("/proc/self/statm") as fh:
+        with open(f"/proc/{pid}/statm") as fh:
             pages = int(fh.read().split()[1])
         return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError):
         return 0.0
 
 
+def descendant_pids(pid: int) -> list[int]:
+    """Every process started (directly or not) by ``pid`` that is still running (Linux /proc)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children") as fh:
+                    kids = [int(k) for k in fh.read().split()]
+            except (OSError, ValueError):
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+def tree_rss_mb() -> float:
+    """Resident memory of this process plus all its running descendants (e.g. torchrun workers), in MB."""
+    return current_rss_mb() + sum(current_rss_mb(p) for p in descendant_pids(os.getpid()))
+
+
 @dataclass
 class Meter:
-    """Wall time and peak resident memory of a block (sampled every ``interval`` seconds)."""
+    """Wall time and peak resident memory of a block (sampled every ``interval`` seconds); with
+    ``children`` the memory of processes the block starts is added (their sum at each sample)."""
 
     interval: float = 0.05
+    children: bool = False
     seconds: float = 0.0
     peak_mb: float = 0.0
     cuda_peak_mb: float | None = None
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
+    def _rss(self) -> float:
+        return tree_rss_mb() if self.children else current_rss_mb()
+
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak_mb = max(self.peak_mb, current_rss_mb())
+            self.peak_mb = max(self.peak_mb, self._rss())
 
     def __enter__(self) -> "Meter":
-        self.peak_mb = current_rss_mb()
+        self.peak_mb = self._rss()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         self._stop.clear()
@@ -108,7 +139,7 @@ class Meter:
         self.seconds = time.perf_counter() - self._t0
         self._stop.set()
         self._thread.join()
-        self.peak_mb = max(self.peak_mb, current_rss_mb())
+        self.peak_mb = max(self.peak_mb, self._rss())
         if torch.cuda.is_available():
             self.cuda_peak_mb = torch.cuda.max_memory_allocated() / 2**20
 
