@@ -11,7 +11,7 @@ from mkdt.errors import MkdtError
 from mkdt.models import build_model
 from mkdt.ssl import AugmentConfig, BatchAugment, ObjectiveConfig, SSLSchedule, SSLTrainer, knn_accuracy, lr_factor
 from mkdt.ssl.knn import knn_predict
-from mkdt.ssl.train import flatten_optimizer_state, momentum_at, unflatten_optimizer_state
+from mkdt.ssl.train import autocast_dtype, flatten_optimizer_state, momentum_at, unflatten_optimizer_state
 
 TINY_OBJECTIVE = ObjectiveConfig(projector_hidden=16, projector_out=32)
 
@@ -126,3 +126,28 @@ def test_divergence_is_reported():
     trainer.loss_fn = lambda a, b: (a.sum() + b.sum()) * float("nan")
     with pytest.raises(MkdtError, match="diverged"):
         trainer.fit(x)
+
+
+def test_precision_choice_per_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert autocast_dtype("auto", cpu) is None and autocast_dtype("fp16", cpu) is None
+    assert autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert autocast_dtype("fp32", cuda) is None and autocast_dtype("fp16", cuda) is torch.float16
+
+
+def test_bf16_on_cpu_trains_float32_weights_close_to_fp32():
+    """precision bf16 on the CPU: the forward runs under bf16 autocast, the weights and optimiser stay
+    float32, and one epoch lands near the float32 run (same data, seeds and augmentations)."""
+    x = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        trainer = tiny_trainer(epochs=1)
+        trainer.schedule.precision = precision
+        trainer.amp_dtype = autocast_dtype(precision, torch.device("cpu"))
+        runs[precision] = (trainer, trainer.fit(x)[-1]["loss"])
+    bf16, fp32 = runs["bf16"][0], runs["fp32"][0]
+    assert bf16.amp_dtype is torch.bfloat16 and all(p.dtype == torch.float32 for p in bf16.backbone.parameters())
+    assert math.isfinite(runs["bf16"][1]) and runs["bf16"][1] != runs["fp32"][1]
+    assert runs["bf16"][1] == pytest.approx(runs["fp32"][1], rel=0.05)
+    for a, b in zip(fp32.backbone.parameters(), bf16.backbone.parameters()):
+        assert torch.allclose(a, b, atol=0.05)

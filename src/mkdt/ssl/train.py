@@ -138,9 +138,16 @@ def build_optimizer(params: list[tuple[str, nn.Parameter]], schedule: SSLSchedul
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """Mixed precision is used on CUDA only; on the CPU every setting trains in float32."""
-    if device.type != "cuda" or precision == "fp32":
+    """The autocast dtype of the forward pass (``None``: float32).
+
+    CUDA: ``auto`` is bf16 where supported, else fp16. CPU: ``auto`` and ``fp16`` train in float32 (no
+    fp16 CPU kernels worth having); ``bf16`` must be asked for, and pays off on CPUs with native bf16
+    instructions (AVX512-BF16 / AMX): convolutions run in bf16, the SSL loss stays float32.
+    """
+    if precision == "fp32":
         return None
+    if device.type != "cuda":
+        return torch.bfloat16 if precision == "bf16" else None
     if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if precision == "bf16" else torch.float16
