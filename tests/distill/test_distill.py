@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mkdt.artifacts import load_json, load_tensors
+from mkdt.artifacts import load_json, load_tensors, read_metadata
 from mkdt.distill import DistillConfig, distill
 from mkdt.distill import matching
 from mkdt.distill.experts import ExpertBank
+from mkdt.distill.loop import Setup, validation_loss
 from mkdt.errors import MkdtError
 from mkdt.formats import load_synthetic
 from mkdt.models import build_model
@@ -259,3 +260,47 @@ def test_experts_of_other_normalisation_are_refused(config: DistillConfig, tiny:
     write_expert(folder / "expert_0000.safetensors", traj.params, traj.layout, tiny, mean=[0.5], std=[0.25])
     with pytest.raises(MkdtError, match="expert_0000.*mean.*normalisation"):
         distill(dataclasses.replace(config, experts_dir=str(folder)))
+
+
+def test_held_out_experts_are_never_drawn_and_give_a_validation_loss(config: DistillConfig, tiny: TinyRun,
+                                                                       tmp_path: Path, monkeypatch):
+    """validation_experts=1: the last of the 3 experts is never matched for an update; its loss is logged at
+    the start and at every checkpoint, equals a direct computation on the saved set, and an interrupted
+    run resumes to the same validation record."""
+    held = dataclasses.replace(config, validation_experts=1, out=str(tmp_path / "held"))
+    result = distill(held)
+    assert {r["expert"] for r in read_log(held)} == {0, 1}
+    summary = result["summary"]
+    record = load_json(Path(held.out) / "distill" / "stage.json")
+    validation = read_metadata(Path(held.out) / "distill" / "checkpoint.safetensors")["validation"]
+    assert [v["iteration"] for v in validation] == [0, 5, 10]
+    assert summary["val_loss_initial"] == validation[0]["val_loss"] and summary["val_loss_final"] == validation[-1]["val_loss"]
+    assert record["summary"]["validation_experts"] == 1
+    final = load_synthetic(Path(held.out) / "distill" / record["file"])
+    student = build_model(MODEL, in_channels=1, resolution=8, head_dim=final.targets.shape[1])
+    layout = ParamLayout.of(student)
+    bank = ExpertBank.open(tiny.experts, layout, MODEL, held.max_start_epoch + held.expert_epochs, held.expert_epochs)
+    setup = Setup(Path(tiny.init), load_synthetic(tiny.init), student, layout, bank, torch.device("cpu"))
+
+    class Leaves:
+        images, targets, lr = final.images, final.targets, torch.tensor(final.lr)
+
+    assert validation_loss(held, setup, Leaves) == pytest.approx(validation[-1]["val_loss"], rel=1e-5)
+    # interrupted after the checkpoint at 5, resumed: the same validation rows
+    real, calls = matching.match_plain, {"n": 0}
+
+    def interrupt_at_seven(problem):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real(problem)
+
+    again = dataclasses.replace(held, out=str(tmp_path / "again"))
+    monkeypatch.setattr(matching, "match_plain", interrupt_at_seven)
+    with pytest.raises(KeyboardInterrupt):
+        distill(again)
+    monkeypatch.setattr(matching, "match_plain", real)
+    resumed = distill(again)["summary"]
+    assert resumed["val_loss_final"] == summary["val_loss_final"]
+    with pytest.raises(MkdtError, match="validation_experts=3 leaves none"):
+        distill(dataclasses.replace(config, validation_experts=3, out=str(tmp_path / "all")))

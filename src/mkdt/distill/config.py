@@ -49,6 +49,11 @@ class DistillConfig(StageConfig):
     # kd: MSE of the student to the learned targets (MKDT). ssl: the naive MTT-SSL baseline, the SSL loss
     # of two augmented views of each synthetic minibatch, matched against SSL experts (distill/ssl_inner.py)
     inner_objective: str = "kd"
+    # Held-out experts (the last N of the folder): never drawn for updates; their matching loss (fixed
+    # minibatch plans, every start epoch) is logged as val_loss at the start and at every checkpoint. It is
+    # the part of the progress that carries over to networks the set was not fitted to, as the probe's
+    # fresh encoder is: a training loss that falls while val_loss stays flat means too few experts.
+    validation_experts: int = 0
 
     def __post_init__(self) -> None:
         """With the SSL inner objective, targets are unused (never learned) and ``memory_saving: auto``
@@ -80,6 +85,8 @@ class DistillConfig(StageConfig):
             raise MkdtError(f"distill config 'threads' must be >= 1 (or null for torch's default), got {self.threads}")
         if self.grid_images < 0:
             raise MkdtError(f"distill config 'grid_images' must be >= 0, got {self.grid_images}")
+        if self.validation_experts < 0:
+            raise MkdtError(f"distill config 'validation_experts' must be >= 0, got {self.validation_experts}")
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
             raise MkdtError(f"distill config 'memory_budget_gb' must be positive, got {self.memory_budget_gb}")
         memory_saving_mode(self.memory_saving)

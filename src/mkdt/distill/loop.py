@@ -1,7 +1,8 @@
 """``mkdt distill``: the outer loop of MKDT (REFERENCE.md section 1.5), with checkpoints and guards.
 
-Each iteration draws an expert uniformly from ALL experts and a start epoch t in [0, max_start_epoch)
-from the run's seeded generator, matches ``syn_steps`` student steps on the synthetic set against the
+Each iteration draws an expert uniformly from ALL experts (but the last ``validation_experts``, held out:
+their matching loss is logged as ``val_loss`` at the start and at every checkpoint) and a start epoch t in
+[0, max_start_epoch) from the run's seeded generator, matches ``syn_steps`` student steps on the synthetic set against the
 expert's ``expert_epochs`` (see ``matching.py``), and updates images, targets and the inner lr with
 their own SGD (momentum 0.5). Non-finite losses or gradients skip the update; ``max_bad_steps`` in a
 row stop the run. The learned lr is clamped to ``lr_min`` after each step: the authors' parametrisation
@@ -178,6 +179,9 @@ def _setup(config: DistillConfig, device: torch.device) -> Setup:
                            expert_epochs=config.expert_epochs, expect=expect, objective=config.inner_objective)
     if ssl:
         ssl_inner.check_setup(bank, n, config.batch_syn)
+    if config.validation_experts >= len(bank):
+        raise MkdtError(f"{experts_dir(config)}: validation_experts={config.validation_experts} leaves none of the "
+                        f"{len(bank)} experts to distill from; lower validation_experts or train more experts")
     return Setup(path, initial, student, layout, bank, device)
 
 
@@ -275,6 +279,8 @@ def _run(config: DistillConfig, setup: Setup, state: DistillState, stage: StageD
     bar = tqdm(total=config.iterations, initial=state.iteration, desc="distill", disable=progress_disabled(dctx),
                dynamic_ncols=True)
     try:
+        if state.iteration == 0:
+            _validate(config, setup, state, dctx)
         with _log_writer(stage / LOG, dctx) as write_row:
             while state.iteration < config.iterations:
                 row = _iteration(config, setup, state, use_memory_saving, dctx, per_update)
@@ -286,6 +292,9 @@ def _run(config: DistillConfig, setup: Setup, state: DistillState, stage: StageD
                 if row["loss"] is not None:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.4f}")
                 if state.iteration % config.checkpoint_every == 0 or state.iteration == config.iterations:
+                    _validate(config, setup, state, dctx)
+                    if dctx.is_main and state.validation and state.validation[-1]["iteration"] == state.iteration:
+                        bar.write(f"distill iteration {state.iteration}: val_loss {state.validation[-1]['val_loss']:.4f}")
                     _check_in_sync(state, dctx)
                     if dctx.is_main:
                         state.save(stage / CHECKPOINT, meta)
@@ -335,13 +344,44 @@ def draw_trajectories(config: DistillConfig, setup: Setup, state: DistillState, 
     """
     draws = []
     for _ in range(count):
-        expert = int(torch.randint(len(setup.bank), (1,), generator=state.rng))
+        expert = int(torch.randint(training_experts(config, setup), (1,), generator=state.rng))
         start = int(torch.randint(config.max_start_epoch, (1,), generator=state.rng))
         steps = matching.plan_steps(len(state.images), config.batch_syn, config.syn_steps, state.rng,
                                     augment_generator=state.rng_augment if config.augment else None,
                                     resolution=state.images.shape[-1])
         draws.append(Draw(expert, start, steps))
     return draws
+
+
+def training_experts(config: DistillConfig, setup: Setup) -> int:
+    """Experts ``0 .. k-1`` are drawn for updates; the last ``validation_experts`` are held out."""
+    return len(setup.bank) - config.validation_experts
+
+
+def validation_loss(config: DistillConfig, setup: Setup, state: DistillState) -> float:
+    """Mean matching loss of the current set on the held-out experts, every start epoch, with minibatch
+    plans (and augmentations) fixed by the seed, so values at different iterations are comparable."""
+    losses = []
+    for expert in range(training_experts(config, setup), len(setup.bank)):
+        for start in range(config.max_start_epoch):
+            rng = generator(derive_seed(config.seed, "distill", "validation", expert, start))
+            steps = matching.plan_steps(len(state.images), config.batch_syn, config.syn_steps, rng,
+                                        augment_generator=rng if config.augment else None,
+                                        resolution=state.images.shape[-1])
+            theta0, theta_star = (t.to(setup.device) for t in setup.bank.pair(expert, start,
+                                                                               start + config.expert_epochs))
+            problem = matching.Problem(setup.student, setup.layout, theta0, theta_star, state.images,
+                                       state.targets, state.lr, steps)
+            losses.append(float(matching.matching_loss(matching.rollout(problem)[-1], theta0, theta_star)))
+    return sum(losses) / len(losses)
+
+
+def _validate(config: DistillConfig, setup: Setup, state: DistillState, dctx: DistContext) -> None:
+    """Append ``val_loss`` at this iteration (computed by rank 0, shared), unless recorded already."""
+    if not config.validation_experts or (state.validation and state.validation[-1]["iteration"] == state.iteration):
+        return
+    value = broadcast_object(validation_loss(config, setup, state) if dctx.is_main else None, dctx)
+    state.validation.append({"iteration": state.iteration, "val_loss": value})
 
 
 def match_draws(config: DistillConfig, setup: Setup, state: DistillState, draws: list[Draw],
@@ -459,7 +499,7 @@ def _write_outputs(config: DistillConfig, setup: Setup, state: DistillState, sta
     save_synthetic(stage / name, final)
     save_grid(stage / "grid_initial.png", initial.images, initial.mean, initial.std, config.grid_images)
     save_grid(stage / "grid_distilled.png", final.images, initial.mean, initial.std, config.grid_images)
-    save_loss_curve(stage / "loss.png", state.log)
+    save_loss_curve(stage / "loss.png", state.log, state.validation)
     losses = [r["loss"] for r in state.log if r["loss"] is not None]
     head = losses[: max(1, min(10, len(losses)))]
     tail = losses[-max(1, min(10, len(losses))):]
@@ -473,6 +513,9 @@ def _write_outputs(config: DistillConfig, setup: Setup, state: DistillState, sta
         "loss_last10": sum(tail) / len(tail) if losses else None,
         "mean_abs_pixel_change": mean_abs_pixel_change(initial.images, final.images, initial.std),
         "experts": len(setup.bank),
+        "validation_experts": config.validation_experts,
+        "val_loss_initial": state.validation[0]["val_loss"] if state.validation else None,
+        "val_loss_final": state.validation[-1]["val_loss"] if state.validation else None,
         "experts_used": len({e for r in state.log for e in _as_list(r["expert"])}),
         "images": list(final.images.shape),
         "target_dim": int(final.targets.shape[1]),

@@ -15,6 +15,7 @@ plain path supports such students: :func:`inner_loss`, which the memory-saving p
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -131,6 +132,22 @@ def unroll(problem: Problem) -> torch.Tensor:
         (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
         theta = theta - problem.lr * grad
     return theta
+
+
+def rollout(problem: Problem) -> list[torch.Tensor]:
+    """theta_0 .. theta_N of the unrolled SGD with no graph kept between steps and none to the learned
+    leaves: the forward pass of the memory-saving path, and the held-out validation loss."""
+    fixed = dataclasses.replace(problem, images=problem.images.detach(), targets=problem.targets.detach(),
+                                lr=problem.lr.detach())
+    theta = problem.theta0.detach().clone()
+    thetas = [theta]
+    for step in problem.steps:
+        with torch.enable_grad():
+            leaf = theta.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(step_loss(fixed, leaf, step), leaf)
+        theta = theta - fixed.lr * grad.detach()
+        thetas.append(theta)
+    return thetas
 
 
 def match_plain(problem: Problem) -> MatchResult:

@@ -19,12 +19,12 @@ import os
 import torch
 
 from mkdt.distill import augment as aug
-from mkdt.distill.matching import InnerStep, MatchResult, Problem, inner_loss, matching_loss, step_batch, unroll
+from mkdt.distill.matching import InnerStep, MatchResult, Problem, inner_loss, matching_loss, rollout, unroll
 
 
 def match_memory_saving(problem: Problem) -> MatchResult:
     """Loss and gradients of :class:`Problem`, equal to ``match_plain`` up to float rounding."""
-    thetas = _forward(problem)
+    thetas = rollout(problem)
     theta_n = thetas.pop()
     loss = matching_loss(theta_n, problem.theta0, problem.theta_star)
     out = MatchResult(loss.detach())
@@ -72,23 +72,6 @@ def _step_vjp(problem: Problem, step: InnerStep, theta_i: torch.Tensor, adjoint:
         vjps = iter(torch.autograd.grad(g, inputs, grad_outputs=adjoint, allow_unused=True) if inputs else ())
     v_theta, v_x, v_y = (next(vjps) if flag else None for flag, _ in wanted)
     return g.detach(), v_theta, v_x, v_y
-
-
-@torch.no_grad()
-def _forward(problem: Problem) -> list[torch.Tensor]:
-    """theta_0 .. theta_N of the unrolled SGD, without any graph kept between steps."""
-    theta = problem.theta0.detach().clone()
-    lr = problem.lr.detach()
-    images, targets = problem.images.detach(), problem.targets.detach()
-    thetas = [theta]
-    for step in problem.steps:
-        x, y = step_batch(images, targets, step)
-        with torch.enable_grad():
-            leaf = theta.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(inner_loss(problem.student, problem.layout, leaf, x, y), leaf)
-        theta = theta - lr * grad
-        thetas.append(theta)
-    return thetas
 
 
 # ----------------------------------------------------------------------------------------------

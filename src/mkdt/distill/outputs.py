@@ -55,8 +55,9 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
-def save_loss_curve(path: Path, log: list[dict[str, Any]]) -> None:
-    """Matching loss per iteration (and a moving average) plus the learned lr, as a PNG."""
+def save_loss_curve(path: Path, log: list[dict[str, Any]], validation: list[dict[str, Any]] | None = None) -> None:
+    """Matching loss per iteration (and a moving average, and the held-out experts' loss when there is
+    one) plus the learned lr, as a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -69,7 +70,12 @@ def save_loss_curve(path: Path, log: list[dict[str, Any]]) -> None:
         losses = [r["loss"] for r in rows]
         ax_loss.plot(its, losses, lw=0.6, alpha=0.5, label="loss")
         ax_loss.plot(its, moving_average(losses, max(1, len(losses) // 50)), lw=1.5, label="moving average")
+    if validation:
+        ax_loss.plot([r["iteration"] for r in validation], [r["val_loss"] for r in validation], "o-", lw=1.5,
+                     ms=3, label="held-out experts")
+    if rows or validation:
         ax_loss.legend()
+    if rows:
         ax_lr.plot(its, [r["lr"] for r in rows], lw=1.2)
     ax_loss.set(xlabel="iteration", ylabel="||θ_N-θ*||² / ||θ_0-θ*||²", title="trajectory-matching loss")
     ax_lr.set(xlabel="iteration", ylabel="learned inner lr", title="learned lr")

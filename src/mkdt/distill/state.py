@@ -35,6 +35,7 @@ class DistillState:
     consecutive_bad: int = 0
     skipped: int = 0
     log: list[dict[str, Any]] = field(default_factory=list)
+    validation: list[dict[str, Any]] = field(default_factory=list)  # {"iteration", "val_loss"} rows
 
     @classmethod
     def fresh(cls, images: torch.Tensor, targets: torch.Tensor, lr_init: float, *, learn: dict[str, bool],
@@ -66,7 +67,7 @@ class DistillState:
         tensors["rng.main"] = self.rng.get_state()
         tensors["rng.augment"] = self.rng_augment.get_state()
         record = {"iteration": self.iteration, "consecutive_bad": self.consecutive_bad, "skipped": self.skipped,
-                  "log": self.log, **meta}
+                  "log": self.log, "validation": self.validation, **meta}
         save_tensors(path, tensors, record)
 
     def restore(self, path: Path) -> dict[str, Any]:
@@ -97,6 +98,7 @@ class DistillState:
         self.consecutive_bad = int(meta.get("consecutive_bad", 0))
         self.skipped = int(meta.get("skipped", 0))
         self.log = list(meta.get("log", []))
+        self.validation = list(meta.get("validation", []))
         return meta
 
 
