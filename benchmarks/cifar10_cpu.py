@@ -54,8 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 QUICK = [
-    "experts.num_experts=1", "experts.keep_epochs=2", "init.epoch=1", "distill.iterations=3",
+    "experts.num_experts=1", "experts.keep_epochs=2", "init.epoch=1", "init.num_experts=1", "distill.iterations=3",
     "distill.max_start_epoch=1", "distill.expert_epochs=1", "distill.syn_steps=2", "distill.checkpoint_every=2",
+    "distill.validation_experts=0",
     "krr_st.iterations=3", "krr_st.pool_size=2", "krr_st.max_online_steps=3", "pretrain.epochs=1",
     "pretrain/full.epochs=1", "probe.seeds=[0]", "probe.percents=[5]", "probe.converged_max_iterations=50",
 ]

@@ -19,20 +19,24 @@ def test_cifar10_cpu_run_preset_reads_each_stage_preset_and_plans_every_method()
     doc = load_run_document("cifar10-cpu", [], [], {"out": "runs/x"})
     settings, _out, steps = plan(doc)
     assert settings.methods == list(METHODS[:8])
+    assert settings.eval_seeds == [0, 1, 2] and settings.processes == 2
     assert "mtt_ssl" in METHODS and "krr_st_own_recipe" in METHODS  # optional extras
     names = [s.name for s in steps]
     for method in settings.methods:
-        assert f"pretrain/{method}" in names and f"probe/{method}" in names
+        for seed in settings.eval_seeds:
+            assert f"pretrain/{method}_seed{seed}" in names and f"probe/{method}_seed{seed}" in names
     experts = step_config(step_named(doc, "experts"), doc, resolve_files=False)
-    assert experts.num_experts == 2 and experts.model.width == 32  # from presets/experts/cifar10-cpu.yaml
+    assert experts.num_experts == 32 and experts.model.width == 32  # from presets/experts/cifar10-cpu.yaml
     teacher = step_config(step_named(doc, "teacher"), doc, resolve_files=False)
     assert teacher.model.name == "resnet18" and teacher.model.width == 16
-    full = step_config(step_named(doc, "pretrain/full"), doc, resolve_files=False)
-    random = step_config(step_named(doc, "pretrain/random"), doc, resolve_files=False)
-    assert full.epochs == 5 and random.epochs == 20  # the pretrain/full section applies to that step only
-    probe = step_config(step_named(doc, "probe/mkdt"), doc, resolve_files=False)
+    full = step_config(step_named(doc, "pretrain/full_seed0"), doc, resolve_files=False)
+    random = step_config(step_named(doc, "pretrain/random_seed1"), doc, resolve_files=False)
+    # the pretrain/full section applies to that method's steps (every evaluation seed) only
+    assert full.epochs == 5 and random.epochs == 20
+    assert step_config(step_named(doc, "pretrain/full_seed2"), doc, resolve_files=False).epochs == 5
+    probe = step_config(step_named(doc, "probe/mkdt_seed2"), doc, resolve_files=False)
     assert [d.name for d in probe.downstream] == ["imagefolder", "idx", "digits"]
-    assert probe.percents == [1.0, 5.0] and probe.seeds == [0, 1, 2]
+    assert probe.percents == [1.0, 5.0] and probe.seeds == [2]  # one probe seed per pre-trained encoder
 
 
 def test_bad_preset_key_and_step_section_are_named():

@@ -67,6 +67,9 @@ class Step:
     folders: tuple[str, ...] = ()  # folders under out that hold this step's outputs
     after: tuple[str, ...] = ()  # steps whose outputs this step reads
     command: str | None = None  # the `mkdt` subcommand, for steps that can run under torchrun
+    # the document section with settings for this step only (default: its name); the per-seed steps of a
+    # method share their method's, e.g. `pretrain/full:` applies to pretrain/full_seed0, _seed1, ...
+    own_section: str | None = None
 
 
 def _split_overrides(overrides: list[str]) -> dict:
@@ -118,7 +121,7 @@ def _pretrain_step(method: str, out: Path, distilled: Callable[[str], str], seed
     name = method if seed is None else seeded_name(method, seed)
     values = {"name": name, **kinds[method], **({} if seed is None else {"seed": seed})}
     return Step(f"pretrain/{name}", "mkdt.evaluate", "PretrainConfig", "pretrain", "pretrain", values,
-                (f"pretrain/{name}",), PRETRAIN_INPUT[method])
+                (f"pretrain/{name}",), PRETRAIN_INPUT[method], own_section=f"pretrain/{method}")
 
 
 def seeded_name(method: str, seed: int) -> str:
@@ -138,7 +141,7 @@ def _evaluation_steps(method: str, out: Path, distilled: Callable[[str], str],
         if seed is not None:
             values["seeds"] = [seed]
         steps += [pre, Step(f"probe/{name}", "mkdt.evaluate", "ProbeConfig", "probe", "probe", values,
-                            (f"probe/{name}",), (pre.name,), command="probe")]
+                            (f"probe/{name}",), (pre.name,), command="probe", own_section=f"probe/{method}")]
     return steps
 
 
@@ -228,10 +231,11 @@ def step_config(step: Step, doc: Mapping[str, Any], resolve_files: bool = True) 
     if preset is not None and not isinstance(preset, str):
         raise MkdtError(f"run document: 'preset' must be a preset name such as cifar10-cpu, not {preset!r}")
     docs: list[Mapping[str, Any]] = [doc]
-    own = doc.get(step.name) if step.name != step.section else None
+    own_section = step.own_section or step.name
+    own = doc.get(own_section) if own_section != step.section else None
     if own is not None:
         if not isinstance(own, Mapping):
-            raise MkdtError(f"run document: '{step.name}' must be a mapping of {step.section} settings")
+            raise MkdtError(f"run document: '{own_section}' must be a mapping of {step.section} settings")
         docs.append({step.section: own})
     return resolve(cls, preset=preset, section=step.section, docs=docs, values=values)
 

@@ -10,6 +10,7 @@ import pytest
 from mkdt.cli import main
 from mkdt.config import resolve
 from mkdt.distill import DistillConfig
+from mkdt.experts import ExpertsConfig
 
 PAPER = {  # REFERENCE.md section 1.5
     "cifar10-2pct": (3, 5000, 40, 2, 2, 1e3, 256),
@@ -34,6 +35,10 @@ def test_paper_presets(name: str):
 def test_cpu_preset_uses_the_cpu_student():
     cfg = resolve(DistillConfig, preset="cifar10-cpu", section="distill")
     assert (cfg.model.name, cfg.model.depth, cfg.model.width, cfg.model.norm) == ("convnet", 3, 32, "instancenorm")
+    experts = resolve(ExpertsConfig, preset="cifar10-cpu", section="experts")
+    # start epochs are drawn from [0, max_start_epoch): the experts must keep the last target epoch
+    assert cfg.max_start_epoch - 1 + cfg.expert_epochs <= experts.keep_epochs
+    assert cfg.validation_experts < experts.num_experts
     cfg.check()
 
 

@@ -16,7 +16,8 @@ PRESETS = ["cifar10-paper", "cifar100-paper", "tinyimagenet-paper", "cifar10-cpu
 def test_presets_resolve(name):
     experts = resolve(ExpertsConfig, preset=name, section="experts")
     init = resolve(InitConfig, preset=name, section="init")
-    assert experts.keep_epochs == 4 and experts.epochs == 20  # max_start_epoch 2 + expert_epochs 2
+    # keep_epochs = max_start_epoch + expert_epochs of the distill preset: 2 + 2 (paper), 1 + 1 (cpu)
+    assert experts.keep_epochs == (4 if name.endswith("paper") else 1) and experts.epochs == 20
     assert (experts.lr, experts.momentum, experts.weight_decay, experts.batch_size) == (0.1, 0.9, 1e-4, 256)
     assert experts.model.norm == "instancenorm" and experts.model.pool == "avgpool"
     assert init.model == experts.model and init.data == experts.data and init.size == 0.02 and init.epoch == 1
@@ -25,6 +26,7 @@ def test_presets_resolve(name):
         assert experts.model.depth == (4 if name.startswith("tiny") else 3)
     else:
         assert experts.model.width == 32 and experts.model.depth == 3
+        assert experts.num_experts == 32 and init.num_experts == 8
         # the whole-run presets/cifar10-cpu.yaml gives every cifar10-cpu stage the same data root
         assert experts.data.root == "../shared/data/cifar10-jpeg.tar.gz"
         assert experts.data.name == "imagefolder"

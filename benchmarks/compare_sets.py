@@ -1,0 +1,111 @@
+"""Experiment tool: pre-train the cifar10-cpu student on each given 1,000-image set and linear-probe it on
+CIFAR-10 (both protocols, 1% / 5% labels), one encoder per seed as the benchmark's ``run.eval_seeds`` does.
+
+For the questions the CIFAR-10 benchmark raises (does this distillation setting beat its initial set?)
+without re-running the whole pipeline: give the sets written by ``mkdt init`` / ``mkdt distill`` /
+``mkdt export``. Every encoder and probe goes through the stages' own code (``mkdt.evaluate.pretrain`` / ``probe`` at the cifar10-cpu presets), so the numbers are the
+pipeline's numbers.
+
+    python benchmarks/compare_sets.py --data ../shared/data/cifar10-jpeg.tar.gz --out runs/compare \\
+        --subset random=runs/x/init/random.safetensors --distilled mkdt=runs/x/distill/synthetic.safetensors
+
+Writes ``benchmarks/results/compare_sets.json`` and its section of ``docs/RESULTS.md`` unless ``--no-write``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import _report
+
+from mkdt.config import resolve
+from mkdt.evaluate import (PretrainConfig, ProbeConfig, combine_probe_results, markdown_table, pretrain, probe,
+                           results_table)
+
+NAME = "compare_sets"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="CIFAR-10 image folder or tar (e.g. ../shared/data/cifar10-jpeg.tar.gz)")
+    p.add_argument("--out", required=True, help="work folder for encoders and probe results (resumed if it exists)")
+    p.add_argument("--subset", action="append", default=[], metavar="NAME=FILE",
+                   help="a real subset (pre-trained with lr 0.1 and its teacher targets)")
+    p.add_argument("--distilled", action="append", default=[], metavar="NAME=FILE",
+                   help="a distilled set (pre-trained with its learned lr)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one encoder and probe seed each")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-write", action="store_true", help="only print the table")
+    args = p.parse_args(argv)
+    if not args.subset and not args.distilled:
+        p.error("give at least one --subset or --distilled NAME=FILE")
+    return args
+
+
+def named_sets(args: argparse.Namespace) -> list[tuple[str, str, Path]]:
+    """(name, pretrain kind, file) in the order given; names must be unique and files must exist."""
+    sets = []
+    for kind, items in (("subset", args.subset), ("distilled", args.distilled)):
+        for item in items:
+            name, sep, file = item.partition("=")
+            if not sep or not name or not file:
+                raise SystemExit(f"--{kind} {item!r}: expected NAME=FILE")
+            path = Path(file).expanduser().resolve()
+            if not path.is_file():
+                raise SystemExit(f"{path}: set file not found (--{kind} {name}=...)")
+            sets.append((name, kind, path))
+    names = [n for n, _, _ in sets]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"set names must be unique, got {names}")
+    return sets
+
+
+def evaluate_set(name: str, kind: str, path: Path, args: argparse.Namespace) -> dict:
+    """One encoder per seed, each probed on that seed's labelled subsets; merged like the pipeline's."""
+    out = Path(args.out).expanduser().resolve()
+    parts = []
+    for seed in args.seeds:
+        run = f"{name}_seed{seed}"
+        common = {"out": str(out), "seed": seed, "device": args.device, "name": run}
+        pretrain(resolve(PretrainConfig, preset="cifar10-cpu", section="pretrain",
+                         values={**common, "kind": kind, "source": str(path)}))
+        probe(resolve(ProbeConfig, preset="cifar10-cpu", section="probe",
+                      values={**common, "encoder": str(out / "pretrain" / run / "encoder.safetensors"),
+                              "seeds": [seed], "percents": [1.0, 5.0],
+                              "downstream": [{"name": "imagefolder", "root": str(Path(args.data).resolve())}]}))
+        parts.append(out / "probe" / run / "results.json")
+    return combine_probe_results(parts, out / "probe" / name / "results.json", name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    sets = named_sets(args)
+    results = {name: evaluate_set(name, kind, path, args) for name, kind, path in sets}
+    table = markdown_table(results_table(results), [name for name, _, _ in sets])
+    print(table)
+    if args.no_write:
+        return 0
+    command, date = _report.command_line(argv), _report.now()
+    payload = {"command": command, "date": date, "seeds": args.seeds,
+               "sets": {name: {"kind": kind, "file": str(path)} for name, kind, path in sets},
+               "results": {name: res["summary"] for name, res in results.items()}}
+    _report.write_results_json(NAME, payload)
+    _report.replace_section(NAME, "\n".join([
+        "## Comparing sets on the CIFAR-10 probe (`benchmarks/compare_sets.py`)", "",
+        "Linear-probe accuracy (%) of the cifar10-cpu student pre-trained on each set, mean ± std over "
+        f"seeds {', '.join(map(str, args.seeds))} (each seed: its own encoder and its own labelled subset).", "",
+        f"Command: `{command}`  ", f"Date: {date}", "",
+        "Sets: " + "; ".join(f"`{name}` ({kind}) {path.name} in {path.parent}" for name, kind, path in sets), "",
+        table]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
