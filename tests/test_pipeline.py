@@ -7,6 +7,7 @@ import torch
 import yaml
 
 from mkdt.cli import main
+from mkdt.errors import MkdtError
 from mkdt.pipeline import load_run_document, plan, run_pipeline
 
 
@@ -109,7 +110,7 @@ def test_eval_seeds_pretrain_one_encoder_per_seed_and_merge_the_probes(tmp_path)
     assert one["order"] == names and two["order"] == names
     assert [n for n in names if two["steps"][n].get("processes") == 2] == ["teacher", "probe/none_seed0",
                                                                             "probe/none_seed1"]
-    for state, root in ((one, tmp_path / "one"), (two, tmp_path / "two")):
+    for root in (tmp_path / "one", tmp_path / "two"):
         merged = json.loads((root / "probe" / "none" / "results.json").read_text())
         per_seed = [json.loads((root / "probe" / f"none_seed{s}" / "results.json").read_text()) for s in (0, 1)]
         assert len(set(merged["encoders"])) == 2 and merged["seeds"] == [0, 1]
@@ -125,9 +126,9 @@ def test_eval_seeds_pretrain_one_encoder_per_seed_and_merge_the_probes(tmp_path)
 
 def test_bad_run_settings_are_refused(tmp_path):
     doc = seeded_document(tmp_path, processes=0)
-    with pytest.raises(Exception, match="run.processes"):
+    with pytest.raises(MkdtError, match="run.processes"):
         plan(doc)
     doc = seeded_document(tmp_path, processes=1)
     doc["run"]["eval_seeds"] = [1, 1]
-    with pytest.raises(Exception, match="eval_seeds"):
+    with pytest.raises(MkdtError, match="eval_seeds"):
         plan(doc)

@@ -92,25 +92,30 @@ def test_learning_only_images_keeps_targets_and_lr(config: DistillConfig, tiny: 
     assert not torch.equal(final.images, initial.images)
 
 
+def distill_interrupted_at(config: DistillConfig, monkeypatch, call: int) -> None:
+    """Run ``distill`` with a Ctrl-C raised inside the ``call``-th trajectory match, then restore matching."""
+    real, calls = matching.match_plain, {"n": 0}
+
+    def interrupt(problem):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(problem)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(matching, "match_plain", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            distill(config)
+
+
 def test_resume_after_interrupt_is_bit_identical(config: DistillConfig, monkeypatch, tmp_path: Path):
     straight = dataclasses.replace(config, out=str(tmp_path / "straight"))
     distill(straight)
     interrupted = dataclasses.replace(config, out=str(tmp_path / "interrupted"))
-    real, calls = matching.match_plain, {"n": 0}
-
-    def interrupt_at_seven(problem):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return real(problem)
-
-    monkeypatch.setattr(matching, "match_plain", interrupt_at_seven)
-    with pytest.raises(KeyboardInterrupt):
-        distill(interrupted)
+    distill_interrupted_at(interrupted, monkeypatch, call=7)
     stage = Path(interrupted.out) / "distill"
     assert not (stage / "stage.json").exists() and not list(stage.glob("distilled_*"))
     assert len(read_log(interrupted)) == 6
-    monkeypatch.setattr(matching, "match_plain", real)
     distill(interrupted)  # resumes from the checkpoint at iteration 5
     a = load_synthetic(Path(straight.out) / "distill" / "distilled_10.safetensors")
     b = load_synthetic(stage / "distilled_10.safetensors")
@@ -287,19 +292,8 @@ def test_held_out_experts_are_never_drawn_and_give_a_validation_loss(config: Dis
 
     assert validation_loss(held, setup, Leaves) == pytest.approx(validation[-1]["val_loss"], rel=1e-5)
     # interrupted after the checkpoint at 5, resumed: the same validation rows
-    real, calls = matching.match_plain, {"n": 0}
-
-    def interrupt_at_seven(problem):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return real(problem)
-
     again = dataclasses.replace(held, out=str(tmp_path / "again"))
-    monkeypatch.setattr(matching, "match_plain", interrupt_at_seven)
-    with pytest.raises(KeyboardInterrupt):
-        distill(again)
-    monkeypatch.setattr(matching, "match_plain", real)
+    distill_interrupted_at(again, monkeypatch, call=7)
     resumed = distill(again)["summary"]
     assert resumed["val_loss_final"] == summary["val_loss_final"]
     with pytest.raises(MkdtError, match="validation_experts=3 leaves none"):
