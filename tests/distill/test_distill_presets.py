@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ import pytest
 from mkdt.cli import main
 from mkdt.config import resolve
 from mkdt.distill import DistillConfig
-from mkdt.experts import ExpertsConfig
+from mkdt.evaluate import PretrainConfig
+from mkdt.experts import ExpertsConfig, InitConfig
 
 PAPER = {  # REFERENCE.md section 1.5
     "cifar10-2pct": (3, 5000, 40, 2, 2, 1e3, 256),
@@ -40,6 +42,17 @@ def test_cpu_preset_uses_the_cpu_student():
     assert cfg.max_start_epoch - 1 + cfg.expert_epochs <= experts.keep_epochs
     assert cfg.validation_experts < experts.num_experts
     cfg.check()
+
+
+def test_cpu_preset_unrolls_as_many_steps_as_the_evaluation_pretrains():
+    """At CPU scale only an unroll as long as the evaluation's pre-training improved the probe (RESULTS notes):
+    keep the two presets in step."""
+    cfg = resolve(DistillConfig, preset="cifar10-cpu", section="distill")
+    pre = resolve(PretrainConfig, preset="cifar10-cpu", section="pretrain")
+    size = round(resolve(InitConfig, preset="cifar10-cpu", section="init").size * 50_000)
+    assert size == 1000
+    assert cfg.syn_steps >= pre.epochs * math.ceil(size / pre.batch_size)
+    assert cfg.syn_steps * cfg.batch_syn >= size  # every image takes part in each trajectory
 
 
 def test_cli_distill_then_export(tiny, tmp_path: Path, capsys):
