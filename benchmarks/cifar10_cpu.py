@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     report["total_minutes"] = round(sum(s["seconds"] or 0 for s in report["stages"].values()) / 60, 1)
     report["verdict"] = verdict(report["results"])
     previous = _report.results_path(NAME)
-    if previous.is_file():  # notes (what was tried) are kept across runs
+    if previous.is_file() and not args.quick:  # notes (what was tried) are kept across real runs
         report["notes"] = json.loads(previous.read_text("utf-8")).get("notes", [])
     print(markdown(report))
     if not (args.quick or args.no_write):
