@@ -31,7 +31,7 @@ RESULTS_JSON = ROOT / "benchmarks" / "results" / "distill_speed.json"
 RESULTS_MD = ROOT / "docs" / "RESULTS.md"
 START, END = "<!-- distill_speed:start -->", "<!-- distill_speed:end -->"
 
-# name, shape and the authors' numbers on this machine (REFERENCE.md section 5) where they exist.
+# name, shape and the authors' numbers on this machine (docs/teacher.md) where they exist.
 CONFIGS = [
     {"name": "paper-cifar-memory-saving", "width": 128, "syn_steps": 40, "batch_syn": 256, "memory_saving": True,
      "iterations": 1},

@@ -1,5 +1,5 @@
 """Benchmark: linear-probe accuracy of a random-init ConvNet (depth 3, width 128) — the "no pre-training"
-baseline of REFERENCE 3 — at 1% and 5% labels under both probe protocols, seeds 0-2.
+baseline of the paper's tables — at 1% and 5% labels under both probe protocols, seeds 0-2.
 
 The encoder is built exactly as ``mkdt pretrain kind=none`` builds it for CIFAR-10 (32 px, RGB, CIFAR-10
 train statistics); it is probed on CIFAR-10 (train -> labelled subset, test -> accuracy) and on the 8x8
@@ -92,7 +92,7 @@ def write_section(md_table: str, record: dict) -> None:
         "",
         md_table.rstrip(),
         "",
-        "REFERENCE 3 (authors' GPU logs, 'no pre-train', CIFAR-10): 10.0 (1%), 16.44 (5%). "
+        "The authors' GPU logs ('no pre-train', CIFAR-10): 10.0 (1%), 16.44 (5%). "
         f"{majority_text(record)} The authors' 10.0 at 1% is exactly chance on CIFAR-10 and neither protocol "
         "reproduces it with a random-init encoder (the cause is unknown: their logs do not say); compare "
         "pre-trained encoders against the numbers above as well as against 10.0 / 16.44.",

@@ -37,3 +37,4 @@ def run_torchrun(wrapper_source: str, tmp_path: Path, args: list[str], nproc: in
 def torchrun() -> Callable[..., subprocess.CompletedProcess]:
     """:func:`run_torchrun` as a fixture."""
     return run_torchrun
+

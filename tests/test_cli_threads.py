@@ -15,5 +15,5 @@ def test_threads_option_sets_torch_threads(capsys):
 
 
 def test_threads_must_be_positive(capsys):
-    assert main(["pretrain", "--threads", "0", "--print-config"]) == 1
+    assert main(["pretrain", "--threads", "0", "--print-config"]) == 2
     assert "--threads must be >= 1" in capsys.readouterr().err

@@ -2,21 +2,28 @@ import dataclasses
 
 import pytest
 
-from mkdt.config import StageConfig, dump_yaml, from_dict, parse_override, resolve, to_dict
+from mkdt.config import StageConfig, describe, dump_yaml, field_docs, from_dict, parse_override, require, resolve, to_dict
 from mkdt.data import DataConfig
-from mkdt.errors import MkdtError
+from mkdt.errors import ConfigError, MkdtError
 from mkdt.models import ModelConfig
 
 
 @dataclasses.dataclass
 class ToyConfig(StageConfig):
+    """A config for the tests."""
+
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    epochs: int = 3
+    epochs: int = 3  # passes over the data
+    # the learning rate,
+    # positive
     lr: float = 0.1
     fractions: list[float] = dataclasses.field(default_factory=lambda: [1.0, 5.0])
     flag: bool = False
     init: str | None = None
+
+    def check(self) -> None:
+        require(self.lr > 0, "lr", "positive", self.lr)
 
 
 def test_defaults_then_file_then_overrides(tmp_path):
@@ -36,15 +43,17 @@ def test_values_from_cli_flags_win_over_files(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("epoch=3", "unknown config key 'epoch'"),
-    ("model.widht=3", "unknown config key 'model.widht'"),
-    ("epochs=abc", "'epochs' must be an integer"),
-    ("flag=maybe", "'flag' must be true/false"),
+    ("epoch=3", "unknown config key 'toy.epoch' \\(did you mean 'epochs'\\?\\)"),
+    ("model.widht=3", "unknown config key 'toy.model.widht' \\(did you mean 'width'\\?\\)"),
+    ("epochs=abc", "epochs must be an integer, got 'abc'"),
+    ("flag=maybe", "flag must be true or false"),
     ("noequals", "key=value"),
+    ("lr=-1", "toy.lr must be positive, got -1.0"),
+    ("data.channels=2", "toy.data.channels must be"),
 ])
-def test_bad_overrides_name_the_key(override, message):
-    with pytest.raises(MkdtError, match=message):
-        resolve(ToyConfig, overrides=[override])
+def test_bad_overrides_name_the_key_as_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(ToyConfig, section="toy", overrides=[override])
 
 
 def test_round_trip_through_yaml():
@@ -74,3 +83,22 @@ def test_bad_yaml_and_missing_file(tmp_path):
 def test_unknown_preset_lists_available():
     with pytest.raises(MkdtError, match="unknown preset 'nope'"):
         resolve(ToyConfig, preset="nope", section="toy")
+
+
+def test_settings_are_documented_from_their_comments():
+    docs = field_docs(ToyConfig)
+    assert docs["epochs"] == "passes over the data"
+    assert docs["lr"] == "the learning rate, positive"
+    assert docs["seed"].startswith("the one seed")  # inherited from StageConfig
+    rows = {key: (tp, default, text) for key, tp, default, text in describe(ToyConfig)}
+    assert rows["epochs"] == ("int", 3, "passes over the data")
+    assert rows["data.name"][:2] == ("str", "digits") and rows["model.width"][0] == "int"
+
+
+def test_out_at_a_file_and_bad_device_are_refused(tmp_path):
+    afile = tmp_path / "f.txt"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match="out must be a folder"):
+        resolve(ToyConfig, values={"out": str(afile)})
+    with pytest.raises(ConfigError, match="device must be auto, cpu, cuda or cuda:N"):
+        resolve(ToyConfig, values={"device": "gpu"})

@@ -1,18 +1,18 @@
-"""``mkdt run`` / ``mkdt demo``: the whole pipeline in one run directory, composed from the stages.
+"""``mkdt run`` / ``mkdt demo``: the whole pipeline in one run folder, composed from the stage registry.
 
 teacher (or imported) -> targets -> experts -> initial sets -> distillation -> baselines -> pre-training
-and linear probes for every method -> report. The pipeline holds no stage logic: it resolves each
-stage's typed config from one YAML document (a section per stage, shared top-level keys such as
-``data``, ``seed``, ``device``, ``out``), calls the stage function, and keeps ``pipeline.json`` with a
-chained digest per step: when a step's configuration (or anything before it) changes, that step's old
-folder is moved aside to ``<folder>.stale`` and the step and everything after it are redone.
+and linear probes for every method -> report. The pipeline holds no stage logic and no bookkeeping of
+its own: it resolves every step's typed config from one YAML document (a section per stage, shared
+top-level keys such as ``data``, ``seed``, ``device``, ``out``), checks the whole run before anything
+starts (unknown sections and keys, types, values, devices, inputs that must already exist), then calls
+each stage; the stage contract (:mod:`mkdt.engine`) decides whether a step is reused, resumed, extended,
+restored or run, so a changed setting redoes exactly the steps whose inputs or settings changed.
 """
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -20,70 +20,96 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from mkdt.artifacts import atomic_write_text, config_digest, load_json, save_json
-from mkdt.config import dump_yaml, merge, parse_override, read_preset, read_yaml, resolve, to_dict
-from mkdt.errors import MkdtError
-from mkdt.runtime import Meter
+from mkdt import stages
+from mkdt.artifacts import atomic_write_text, save_json
+from mkdt.config import (did_you_mean, dump_yaml, merge, overrides_tree, read_preset, read_yaml, require, resolve,
+                         to_dict)
+from mkdt.engine import ENV_KEEP_VERSIONS, Decision, Stage, decide, keep_versions, missing_inputs
+from mkdt.errors import ConfigError, MkdtError
+from mkdt.layout import RunLayout
+from mkdt.progress import log
+from mkdt.runtime import Meter, resolve_device
 
-METHODS = ("none", "random", "high_loss", "sas", "krr_st", "mkdt_random_init", "mkdt", "full", "mtt_ssl",
-           "krr_st_own_recipe")
+
+@dataclass(frozen=True)
+class Method:
+    """How a pipeline method's set is made and pre-trained on: the pretrain ``kind``, the step that makes
+    the set and where that step puts it, and a recipe recorded in the set file (if any)."""
+
+    kind: str
+    made_by: str | None = None
+    set_file: Callable[[RunLayout], Path] | None = None
+    recipe: str | None = None
+    needs_experts: bool = False
+
+
+METHODS: dict[str, Method] = {
+    "none": Method("none"),
+    "random": Method("subset", "init", lambda lay: lay.init_set("random"), needs_experts=True),
+    "high_loss": Method("subset", "init", lambda lay: lay.init_set("high_loss"), needs_experts=True),
+    "sas": Method("subset", "subset/sas", lambda lay: lay.subset("sas")),
+    "krr_st": Method("subset", "krr_st", lambda lay: lay.krr_st_set),
+    # KRR-ST's set pre-trained with KRR-ST's own schedule (1000 epochs), recorded in the set file
+    "krr_st_own_recipe": Method("subset", "krr_st", lambda lay: lay.krr_st_set, recipe="krr_st"),
+    "mkdt_random_init": Method("distilled", "distill/random_init", lambda lay: lay.distilled("random_init"),
+                               needs_experts=True),
+    "mkdt": Method("distilled", "distill", lambda lay: lay.distilled(), needs_experts=True),
+    "full": Method("full"),
+    "mtt_ssl": Method("distilled", "distill/mtt_ssl", lambda lay: lay.distilled("mtt_ssl"), needs_experts=True),
+}
+SHARED_KEYS = ("preset", "out", "seed", "device", "run")
 
 
 @dataclass
 class RunSettings:
-    """The ``run:`` section: which methods to evaluate (names as in the benchmark JSON), how many seeds
-    the evaluation uses, and how many processes the stages that support torchrun get."""
+    """The ``run:`` section: which methods to evaluate, with how many seeds, in how many processes."""
 
-    methods: list[str] = field(default_factory=lambda: ["none", "random", "high_loss", "mkdt"])
-    report: bool = True
+    methods: list[str] = field(default_factory=lambda: ["none", "random", "high_loss", "mkdt"])  # see README
+    report: bool = True  # write report.html / report.md at the end
     # Evaluation seeds: for each seed s, a fresh encoder is pre-trained with seed s and probed on the labelled
     # subsets of seed s, so the reported spread includes the pre-training's randomness (not only the labelled
-    # subset's). None: one encoder (the run's seed), probed with the probe section's seeds.
+    # subset's). null: one encoder (the run's seed), probed with the probe section's seeds.
     eval_seeds: list[int] | None = None
-    # Processes for teacher, experts, distill and probe: > 1 launches those steps with
-    # `torchrun --standalone --nproc_per_node=<processes>` (each worker gets cpu cores / processes threads).
+    # Processes for the stages that support torchrun: > 1 launches them with `torchrun --standalone
+    # --nproc_per_node=<processes>` (each worker gets cpu cores / processes threads). Results do not depend on it.
     processes: int = 1
+    keep_versions: int | None = None  # earlier outputs kept per stage (null: MKDT_KEEP_VERSIONS, default 3)
 
     def check(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise MkdtError(f"run.methods: unknown method '{unknown[0]}'; choose from {', '.join(METHODS)}")
-        if self.eval_seeds is not None and (not self.eval_seeds or len(set(self.eval_seeds)) != len(self.eval_seeds)):
-            raise MkdtError(f"run.eval_seeds must be a non-empty list of distinct seeds (or null), got {self.eval_seeds}")
-        if not isinstance(self.processes, int) or self.processes < 1:
-            raise MkdtError(f"run.processes must be an integer >= 1, got {self.processes!r}")
+        require(not unknown, "methods", f"a list of {', '.join(METHODS)}", unknown[0] if unknown else None,
+                did_you_mean(str(unknown[0]), METHODS).strip(" ()") if unknown else None)
+        require(self.eval_seeds is None or (self.eval_seeds and len(set(self.eval_seeds)) == len(self.eval_seeds)),
+                "eval_seeds", "a non-empty list of distinct seeds (or null)", self.eval_seeds)
+        require(self.processes >= 1, "processes", "an integer >= 1", self.processes)
+        require(self.keep_versions is None or self.keep_versions >= 0, "keep_versions", ">= 0 or null",
+                self.keep_versions)
 
 
 @dataclass
 class Step:
-    """One call of a stage function with its resolved config."""
+    """One call of a stage with its resolved config."""
 
-    name: str  # unique within the run, e.g. "pretrain/mkdt"
-    module: str
-    config_class: str
-    function: str
-    section: str
+    name: str  # unique within the run, e.g. "pretrain/mkdt_seed0"
+    stage: Stage
     values: dict[str, Any] = field(default_factory=dict)  # fixed by the pipeline (kind, source, ...)
-    folders: tuple[str, ...] = ()  # folders under out that hold this step's outputs
-    after: tuple[str, ...] = ()  # steps whose outputs this step reads
-    command: str | None = None  # the `mkdt` subcommand, for steps that can run under torchrun
     # the document section with settings for this step only (default: its name); the per-seed steps of a
     # method share their method's, e.g. `pretrain/full:` applies to pretrain/full_seed0, _seed1, ...
     own_section: str | None = None
+    config: Any = None
 
 
-def _split_overrides(overrides: list[str]) -> dict:
-    tree: dict = {}
-    for text in overrides:
-        key, value = parse_override(text)
-        node = tree
-        parts = key.split(".")
-        for k in parts[:-1]:
-            node = node.setdefault(k, {})
-        node[parts[-1]] = value
-    return tree
+@dataclass
+class Plan:
+    settings: RunSettings
+    layout: RunLayout
+    steps: list[Step]
+    doc: dict[str, Any]
 
 
+# ----------------------------------------------------------------------------------------------
+# the run document
+# ----------------------------------------------------------------------------------------------
 def load_run_document(preset: str | None, files: list[str], overrides: list[str],
                       values: Mapping[str, Any]) -> dict:
     """preset < files < command-line overrides < flags (--seed/--device/--out) as one mapping."""
@@ -93,35 +119,9 @@ def load_run_document(preset: str | None, files: list[str], overrides: list[str]
         doc = merge({"preset": preset}, read_preset(preset))
     for f in files:
         doc = merge(doc, read_yaml(f))
-    doc = merge(doc, _split_overrides(overrides))
+    doc = merge(doc, overrides_tree(overrides))
     doc = merge(doc, {k: v for k, v in values.items() if v is not None})
     return doc
-
-
-PRETRAIN_INPUT = {"none": (), "full": ("targets",), "random": ("init",), "high_loss": ("init",),
-                  "sas": ("subset/sas",), "krr_st": ("krr_st",), "krr_st_own_recipe": ("krr_st",),
-                  "mkdt": ("distill",),
-                  "mkdt_random_init": ("distill/random_init",), "mtt_ssl": ("distill/mtt_ssl",)}
-
-
-def _pretrain_step(method: str, out: Path, distilled: Callable[[str], str], seed: int | None = None) -> Step:
-    kinds = {
-        "none": dict(kind="none"),
-        "full": dict(kind="full"),
-        "random": dict(kind="subset", source=str(out / "init" / "random.safetensors")),
-        "high_loss": dict(kind="subset", source=str(out / "init" / "high_loss.safetensors")),
-        "sas": dict(kind="subset", source=str(out / "subsets" / "sas.safetensors")),
-        "krr_st": dict(kind="subset", source=distilled("krr_st")),
-        # KRR-ST's set pre-trained with KRR-ST's own schedule (1000 epochs), recorded in the set file
-        "krr_st_own_recipe": dict(kind="subset", source=distilled("krr_st"), recipe="krr_st"),
-        "mkdt": dict(kind="distilled", source=distilled("mkdt")),
-        "mkdt_random_init": dict(kind="distilled", source=distilled("mkdt_random_init")),
-        "mtt_ssl": dict(kind="distilled", source=distilled("mtt_ssl")),
-    }
-    name = method if seed is None else seeded_name(method, seed)
-    values = {"name": name, **kinds[method], **({} if seed is None else {"seed": seed})}
-    return Step(f"pretrain/{name}", "mkdt.evaluate", "PretrainConfig", "pretrain", "pretrain", values,
-                (f"pretrain/{name}",), PRETRAIN_INPUT[method], own_section=f"pretrain/{method}")
 
 
 def seeded_name(method: str, seed: int) -> str:
@@ -129,238 +129,262 @@ def seeded_name(method: str, seed: int) -> str:
     return f"{method}_seed{seed}"
 
 
-def _evaluation_steps(method: str, out: Path, distilled: Callable[[str], str],
-                      eval_seeds: list[int] | None) -> list[Step]:
+def _evaluation_steps(method: str, layout: RunLayout, eval_seeds: list[int] | None) -> list[Step]:
     """Pre-training and probe of one method: one encoder, or one per evaluation seed (probed on that
     seed's labelled subsets only; ``combine_probe_results`` merges them into ``probe/<method>``)."""
+    how = METHODS[method]
     steps = []
     for seed in eval_seeds if eval_seeds is not None else [None]:
-        pre = _pretrain_step(method, out, distilled, seed)
-        name = pre.values["name"]
-        values = {"name": name, "encoder": str(out / "pretrain" / name / "encoder.safetensors")}
+        name = method if seed is None else seeded_name(method, seed)
+        values: dict[str, Any] = {"name": name, "kind": how.kind}
+        if how.set_file is not None:
+            values["source"] = str(how.set_file(layout))
+        if how.recipe:
+            values["recipe"] = how.recipe
+        probe_values: dict[str, Any] = {"name": name, "encoder": str(layout.encoder(name))}
         if seed is not None:
-            values["seeds"] = [seed]
-        steps += [pre, Step(f"probe/{name}", "mkdt.evaluate", "ProbeConfig", "probe", "probe", values,
-                            (f"probe/{name}",), (pre.name,), command="probe", own_section=f"probe/{method}")]
+            values["seed"] = seed
+            probe_values["seeds"] = [seed]
+        steps += [Step(f"pretrain/{name}", stages.get("pretrain"), values, f"pretrain/{method}"),
+                  Step(f"probe/{name}", stages.get("probe"), probe_values, f"probe/{method}")]
     return steps
 
 
-def _mtt_ssl_steps(out: Path) -> list[Step]:
-    """The naive MTT-SSL baseline: SSL experts (the ``experts`` settings with objective ssl; a section
-    ``experts/ssl:`` adjusts them) and distillation with the SSL inner objective from MKDT's high-loss
-    initial set, both under ``<out>/mtt_ssl/``, so it differs from MKDT only in the objective."""
-    root = out / "mtt_ssl"
-    return [
-        Step("experts/ssl", "mkdt.experts", "ExpertsConfig", "train_experts", "experts",
-             {"objective": "ssl", "out": str(root)}, ("mtt_ssl/experts",), command="experts"),
-        Step("distill/mtt_ssl", "mkdt.distill", "DistillConfig", "distill", "distill",
-             {"inner_objective": "ssl", "init": str(out / "init" / "high_loss.safetensors"),
-              "experts_dir": str(root / "experts"), "out": str(root), "augment": False, "memory_saving": False},
-             ("mtt_ssl/distill",), ("init", "experts/ssl"), command="distill"),
-    ]
+def _set_steps(methods: list[str], layout: RunLayout) -> list[Step]:
+    """The steps that make the methods' sets, in dependency order."""
+    get = stages.get
+    steps = [Step("teacher", get("teacher")), Step("targets", get("targets"))]
+    if any(METHODS[m].needs_experts for m in methods):
+        steps += [Step("experts", get("experts")), Step("init", get("init"))]
+    made = {METHODS[m].made_by for m in methods}
+    if "distill" in made:
+        steps.append(Step("distill", get("distill"), {"init": "high_loss"}))
+    if "distill/random_init" in made:
+        steps.append(Step("distill/random_init", get("distill"), {"init": "random", "name": "random_init"}))
+    if "distill/mtt_ssl" in made:
+        # the naive MTT-SSL baseline: SSL experts and the SSL inner objective from MKDT's high-loss initial
+        # set, so it differs from MKDT only in the objective (a section experts/ssl: adjusts the experts)
+        steps += [Step("experts/ssl", get("experts"), {"objective": "ssl", "name": "ssl"}),
+                  Step("distill/mtt_ssl", get("distill"),
+                       {"inner_objective": "ssl", "init": "high_loss", "experts_dir": str(layout.experts_dir("ssl")),
+                        "name": "mtt_ssl", "augment": False, "memory_saving": False})]
+    if "subset/sas" in made:
+        steps.append(Step("subset/sas", get("subset"), {"method": "sas", "name": "sas"}))
+    if "krr_st" in made:
+        steps.append(Step("krr_st", get("krr-st")))
+    return steps
 
 
-def plan(doc: Mapping[str, Any]) -> tuple[RunSettings, Path, list[Step]]:
-    """The ordered steps for a run document."""
-    settings = resolve(RunSettings, section="run", docs=[{}],
-                       values=dict(doc.get("run", {})) if isinstance(doc.get("run"), Mapping) else None)
-    settings.check()
-    out = Path(str(doc.get("out", "runs/default")))
-    methods = settings.methods
-    needs_experts = any(m in methods for m in ("random", "high_loss", "mkdt", "mkdt_random_init", "mtt_ssl"))
-
-    def distilled(method: str) -> str:
-        folder = {"mkdt": out / "distill", "mkdt_random_init": out / "mkdt_random_init" / "distill",
-                  "mtt_ssl": out / "mtt_ssl" / "distill", "krr_st": out / "krr_st"}[method]
-        return f"@stage:{folder}"  # resolved after the step has run (file name = number of updates)
-
-    steps = [
-        Step("teacher", "mkdt.teacher", "TeacherConfig", "train_teacher", "teacher", folders=("teacher",),
-             command="teacher"),
-        Step("targets", "mkdt.teacher", "TargetsConfig", "compute_targets", "targets", folders=("targets",),
-             after=("teacher",)),
-    ]
-    if needs_experts:
-        steps += [
-            Step("experts", "mkdt.experts", "ExpertsConfig", "train_experts", "experts", folders=("experts",),
-                 after=("targets",), command="experts"),
-            Step("init", "mkdt.experts", "InitConfig", "select_initial_set", "init", folders=("init",),
-                 after=("experts", "targets")),
-        ]
-    if "mkdt" in methods:
-        steps.append(Step("distill", "mkdt.distill", "DistillConfig", "distill", "distill",
-                          {"init": "high_loss"}, ("distill",), ("init", "experts"), command="distill"))
-    if "mkdt_random_init" in methods:
-        steps.append(Step("distill/random_init", "mkdt.distill", "DistillConfig", "distill", "distill",
-                          {"init": str(out / "init" / "random.safetensors"),
-                           "experts_dir": str(out / "experts"), "out": str(out / "mkdt_random_init")},
-                          ("mkdt_random_init",), ("init", "experts"), command="distill"))
-    if "mtt_ssl" in methods:
-        steps += _mtt_ssl_steps(out)
-    if "sas" in methods:
-        steps.append(Step("subset/sas", "mkdt.baselines", "SubsetConfig", "select_subset", "subset",
-                          {"method": "sas", "name": "sas"}, ("subsets",), ("targets",)))
-    if "krr_st" in methods or "krr_st_own_recipe" in methods:
-        steps.append(Step("krr_st", "mkdt.baselines", "KrrStConfig", "distill_krr_st", "krr_st",
-                          folders=("krr_st",), after=("targets",)))
-    for method in methods:
-        steps += _evaluation_steps(method, out, distilled, settings.eval_seeds)
-    return settings, out, steps
+def own_sections() -> set[str]:
+    """Every step section a run document may hold (for any method, selected or not)."""
+    names = {"experts/ssl", "distill/random_init", "distill/mtt_ssl", "subset/sas"}
+    for method in METHODS:
+        names |= {f"pretrain/{method}", f"probe/{method}"}
+    return names
 
 
-def _resolve_stage_file(value: Any) -> Any:
-    """``@stage:<folder>`` -> the artifact file named in that stage's ``stage.json``."""
-    if not (isinstance(value, str) and value.startswith("@stage:")):
-        return value
-    folder = Path(value[len("@stage:"):])
-    record = load_json(folder / "stage.json")
-    name = record.get("file") or record.get("summary", {}).get("file")
-    if not name:
-        raise MkdtError(f"{folder / 'stage.json'}: names no output file; re-run that stage")
-    return str(folder / name)
+def _check_sections(doc: Mapping[str, Any]) -> None:
+    """Every top-level key must be a shared key, a stage section, a step section or a setting some stage
+    has (such keys apply to every stage that has them, e.g. ``data``)."""
+    fields = {f.name for stage in stages.STAGES.values() for f in dataclasses.fields(stage.config)}
+    known = set(SHARED_KEYS) | set(stages.SECTIONS) | own_sections() | fields
+    for key in doc:
+        if key not in known:
+            raise ConfigError(f"run document: unknown section '{key}'{did_you_mean(str(key), known)}; sections are "
+                              f"the stages ({', '.join(stages.SECTIONS)}), run, step sections such as "
+                              f"pretrain/full, and shared settings (seed, device, out, data, ...)")
+    for key in own_sections() & set(doc):
+        if not isinstance(doc[key], Mapping):
+            raise ConfigError(f"run document: '{key}' must be a mapping of {key.split('/')[0]} settings")
 
 
-def step_config(step: Step, doc: Mapping[str, Any], resolve_files: bool = True) -> Any:
-    """The step's typed config: the stage preset named by the document's ``preset`` key (if any, e.g.
-    ``cifar10-cpu`` -> ``presets/<stage>/cifar10-cpu.yaml``) < the document (its stage section, then a
-    section named after the step itself, e.g. ``pretrain/full:``, for settings of that step only) < the
-    pipeline's fixed values."""
-    cls = getattr(importlib.import_module(step.module), step.config_class)
-    values = {k: _resolve_stage_file(v) if resolve_files else v for k, v in step.values.items()}
+def step_config(step: Step, doc: Mapping[str, Any]) -> Any:
+    """The step's typed, validated config: the stage preset named by the document's ``preset`` key (if any,
+    e.g. ``cifar10-cpu`` -> ``presets/<stage>/cifar10-cpu.yaml``) < the document (its stage section, then
+    a section for this step only, e.g. ``pretrain/full:``) < the pipeline's fixed values."""
+    stage = step.stage
     preset = doc.get("preset")
-    if preset is not None and not isinstance(preset, str):
-        raise MkdtError(f"run document: 'preset' must be a preset name such as cifar10-cpu, not {preset!r}")
     docs: list[Mapping[str, Any]] = [doc]
     own_section = step.own_section or step.name
-    own = doc.get(own_section) if own_section != step.section else None
-    if own is not None:
-        if not isinstance(own, Mapping):
-            raise MkdtError(f"run document: '{own_section}' must be a mapping of {step.section} settings")
-        docs.append({step.section: own})
-    return resolve(cls, preset=preset, section=step.section, docs=docs, values=values)
+    own = doc.get(own_section) if own_section != stage.section else None
+    if isinstance(own, Mapping):
+        docs.append({stage.section: own})
+    try:
+        return resolve(stage.config, preset=preset, section=stage.section, docs=docs, values=step.values)
+    except ConfigError as exc:
+        raise ConfigError(f"step {step.name}: {exc}") from None
 
 
-def _move_aside(out: Path, folders: tuple[str, ...], log: Callable[[str], None]) -> None:
-    for rel in folders:
-        folder = out / rel
-        if folder.exists():
-            stale = folder.with_name(folder.name + ".stale")
-            if stale.exists():
-                shutil.rmtree(stale)
-            folder.rename(stale)
-            log(f"  moved the old outputs to {stale}")
+def plan(doc: Mapping[str, Any]) -> Plan:
+    """The ordered, resolved and validated steps of a run document. Raises ConfigError before anything runs."""
+    doc = dict(doc)
+    _check_sections(doc)
+    run = doc.get("run", {})
+    if run is not None and not isinstance(run, Mapping):
+        raise ConfigError("run document: 'run' must be a mapping (methods, eval_seeds, processes, ...)")
+    settings = resolve(RunSettings, section="run", docs=[{"run": dict(run or {})}])
+    layout = RunLayout(str(doc.get("out", "runs/default")))
+    steps = _set_steps(settings.methods, layout)
+    for method in settings.methods:
+        steps += _evaluation_steps(method, layout, settings.eval_seeds)
+    for step in steps:
+        step.config = step_config(step, doc)
+    # stage sections no step uses are still checked, so a typo there is not silently ignored
+    used = {step.stage.section for step in steps}
+    for section in set(stages.SECTIONS) & set(doc) - used:
+        step_config(Step(section, stages.SECTIONS[section]), doc)
+    return Plan(settings, layout, steps, doc)
 
 
-def run_pipeline(doc: Mapping[str, Any], log: Callable[[str], None] = print) -> dict:
-    """Run (or resume) every step of a run document; returns the summary written to pipeline.json.
+def preflight(run: Plan) -> list[str]:
+    """Check what can be known before anything runs: devices, the run folder, inputs that no step makes.
 
-    Each step's key digests its own resolved config and the keys of the steps it reads from, so a
-    change redoes exactly that step and the steps that depend on it.
+    Returns the missing inputs as lines; the real run refuses them, a dry run lists them.
     """
-    settings, out, steps = plan(doc)
-    out.mkdir(parents=True, exist_ok=True)
-    state_path = out / "pipeline.json"
-    state = load_json(state_path) if state_path.is_file() else {"steps": {}}
-    keys: dict[str, str] = {}
-    redone: set[str] = set()
+    root = run.layout.root
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{root}: --out points at a file; give a folder for the run")
+    missing: list[str] = []
+    made: list[Path] = []
+    for step in run.steps:
+        resolve_device(step.config.device)
+        missing += [f"{step.name}: {name} {path}" for name, path in missing_inputs(step.stage, step.config,
+                                                                                   tuple(made))]
+        made.append(step.stage.folder(step.config, run.layout))
+    return sorted(set(missing), key=missing.index)
+
+
+# ----------------------------------------------------------------------------------------------
+# running
+# ----------------------------------------------------------------------------------------------
+def processes_for(step: Step, processes: int) -> int:
+    """How many processes a step gets: 1 for stages without torchrun support and for imports; for
+    distillation the largest count that divides its trajectories per update (so results never depend on it)."""
+    if processes <= 1 or not step.stage.torchrun or getattr(step.config, "import_path", None):
+        return 1
+    trajectories = getattr(step.config, "trajectories", None)
+    if trajectories is not None:
+        return max(p for p in range(1, processes + 1) if trajectories % p == 0)
+    return processes
+
+
+def run_pipeline(doc: Mapping[str, Any], log_line: Callable[[str], None] | None = None) -> dict:
+    """Run (or resume) every step of a run document; returns the summary written to ``pipeline.json``."""
+    say = log_line or log.info
+    run = plan(doc)
+    missing = preflight(run)
+    if missing:
+        raise ConfigError(f"missing input: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1
+                                                             else "") + "; create it or fix the path")
+    if run.settings.keep_versions is not None:
+        os.environ[ENV_KEEP_VERSIONS] = str(run.settings.keep_versions)
+    keep_versions()
+    layout = run.layout
+    state_path = layout.pipeline_state
+    state: dict[str, Any] = {"steps": {}}
     t_start = time.perf_counter()
-    for i, step in enumerate(steps, 1):
-        prefix = f"[{i}/{len(steps)}] {step.name}"
-        # Inputs named "@stage:<folder>" are digested as that placeholder; their file is read at run time.
-        key = config_digest({"step": step.name, "config": to_dict(step_config(step, doc, resolve_files=False)),
-                             "inputs": {dep: keys.get(dep, "") for dep in step.after}})
-        keys[step.name] = key
-        previous = state["steps"].get(step.name, {})
-        if previous.get("key") and previous["key"] != key:
-            changed_inputs = [dep for dep in step.after if dep in redone]
-            why = f"its input {changed_inputs[0]} was redone" if changed_inputs else "its configuration changed"
-            log(f"{prefix}: {why}; redoing it and the steps that depend on it")
-            _move_aside(out, step.folders, log)
-            previous = {}
-        finished = previous.get("key") == key and previous.get("finished")
-        config = step_config(step, doc)
-        # an imported teacher is a file copy: not worth starting processes for
-        launch = (settings.processes > 1 and step.command is not None and not finished
-                  and not getattr(config, "import_path", None))
-        log(f"{prefix}: {'done before' if finished else 'running'}"
-            f"{f' ({settings.processes} processes)' if launch else ''}")
-        if not finished:
-            redone.add(step.name)
-            # remember the key now, so a change to an interrupted step is detected too
-            state["steps"][step.name] = {"key": key, "finished": False}
-            save_json(state_path, state)
-        function = getattr(importlib.import_module(step.module), step.function)
+    for i, step in enumerate(run.steps, 1):
+        procs = processes_for(step, run.settings.processes)
+        decision = decide(step.stage, step.config)
+        launch = procs > 1 and decision.action not in ("reuse", "restore")
+        say(f"[{i}/{len(run.steps)}] {step.name}" + (f" ({procs} processes)" if launch else ""))
         with Meter(children=True) as meter:
             if launch:
-                launch_torchrun(step, config, settings.processes, out / "launch")
-            # after a torchrun launch the stage is done: the call only reads its recorded result
-            result = function(config)
-        entry = {"key": key, "finished": True, "summary": (result or {}).get("summary", {}),
-                 "measure": previous.get("measure") if finished and previous.get("measure") else meter.as_dict()}
+                launch_torchrun(step, procs, layout.launch_dir)
+            result = step.stage(step.config)
+        entry = {"status": result.status, "folder": layout.rel(result.folder), "summary": result.summary,
+                 "measure": result.measure if result.status in ("reused", "restored") else meter.as_dict()}
         if launch:
-            entry["processes"] = settings.processes
+            entry["processes"] = procs
         state["steps"][step.name] = entry
-        save_json(state_path, state)
-    if settings.eval_seeds is not None:
+        save_json(state_path, {**state, "order": [s.name for s in run.steps]})
+    if run.settings.eval_seeds is not None:
         from mkdt.evaluate import combine_probe_results
 
-        for method in settings.methods:
-            combine_probe_results([out / "probe" / seeded_name(method, s) / "results.json" for s in settings.eval_seeds],
-                                  out / "probe" / method / "results.json", name=method)
-    state["order"] = [step.name for step in steps]
-    state["methods"] = settings.methods
-    state["eval_seeds"] = settings.eval_seeds
-    state["seconds"] = round(time.perf_counter() - t_start, 2)
+        for method in run.settings.methods:
+            combine_probe_results([layout.probe_results(seeded_name(method, s)) for s in run.settings.eval_seeds],
+                                  layout.probe_results(method), name=method)
+    state.update(order=[s.name for s in run.steps], methods=run.settings.methods,
+                 eval_seeds=run.settings.eval_seeds, seconds=round(time.perf_counter() - t_start, 2))
     save_json(state_path, state)
-    if settings.report:
+    if run.settings.report:
         from mkdt.report import write_report
 
-        paths = write_report(out, state)
+        paths = write_report(layout.root, state)
         state["report"] = {k: str(v) for k, v in paths.items()}
-        log(f"report: {paths['html']}")
+        say(f"report: {paths['html']}")
     return state
 
 
-def launch_torchrun(step: Step, config: Any, processes: int, folder: Path) -> None:
-    """Run ``mkdt <step.command>`` with ``config`` under ``torchrun --standalone`` and wait for it.
+def launch_torchrun(step: Step, processes: int, folder: Path) -> None:
+    """Run ``mkdt <command>`` with the step's config under ``torchrun --standalone`` and wait for it.
 
     The resolved config goes to ``<folder>/<step>.yaml`` and is read back here first: the workers must
     resolve exactly this config (the in-process call after the launch then finds the stage done).
     Each worker gets ``cpu cores / processes`` torch threads unless ``OMP_NUM_THREADS`` is set.
     """
+    config = step.config
     path = folder / f"{step.name.replace('/', '__')}.yaml"
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, dump_yaml(config))
-    if to_dict(resolve(type(config), section=step.section, files=[path])) != to_dict(config):
+    if to_dict(resolve(type(config), section=step.stage.section, files=[path])) != to_dict(config):
         raise MkdtError(f"{path}: the config does not survive a YAML round trip, so {step.name} cannot be "
                         f"launched with torchrun; set run.processes=1")
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-           "-m", "mkdt", step.command or "", "--config", str(path)]
+           "-m", "mkdt", step.stage.name, "--config", str(path)]
     code = subprocess.call(cmd, env=env)
     if code != 0:
         raise MkdtError(f"{step.name}: torchrun exited with code {code} (its workers' errors are printed above); "
                         f"re-run to resume, or set run.processes=1")
 
 
+def describe_plan(run: Plan) -> str:
+    """The plan as text: each step, what the engine would do with it and where its outputs go."""
+    lines = [f"run folder: {run.layout.root}", f"methods: {', '.join(run.settings.methods)}"]
+    for i, step in enumerate(run.steps, 1):
+        try:
+            d: Decision | None = decide(step.stage, step.config)
+            what = f"{d.action} ({d.reason})"
+        except MkdtError as exc:
+            what = f"run (inputs not made yet: {exc})" if "missing" in str(exc) else f"? ({exc})"
+        folder = run.layout.rel(step.stage.folder(step.config, run.layout))
+        lines.append(f"[{i}/{len(run.steps)}] {step.name}: {what} -> {folder}/")
+    missing = preflight(run)
+    if missing:
+        lines.append("missing inputs the real run will need:")
+        lines += [f"  {m}" for m in missing]
+    return "\n".join(lines)
+
+
+def resolved_document(run: Plan) -> dict[str, Any]:
+    """Every step's full config (defaults included) and the run settings, for ``--print-config``."""
+    return {"out": str(run.layout.root), "run": to_dict(run.settings),
+            "steps": {step.name: to_dict(step.config) for step in run.steps}}
+
+
 def run_from_cli(preset: str | None, files: list[str], overrides: list[str], values: Mapping[str, Any],
-                 print_config: bool = False) -> dict:
+                 print_config: bool = False, dry_run: bool = False) -> dict:
     from mkdt.distributed import launched_by_torchrun
 
     if launched_by_torchrun():
-        raise MkdtError("mkdt run/demo is single-process for now; launch the stages themselves with torchrun "
-                        "(see docs/distributed.md)")
-    doc = load_run_document(preset, files, overrides, values)
+        raise ConfigError("mkdt run/demo starts torchrun itself (run.processes); launch only single stages with "
+                          "torchrun (see docs/distributed.md)")
     if not files and not preset:
-        raise MkdtError("mkdt run needs --config FILE (a run document) or --preset NAME (e.g. demo)")
-    if print_config:
-        import yaml
+        raise ConfigError("mkdt run needs --config FILE (a run document) or --preset NAME (e.g. demo)")
+    doc = load_run_document(preset, files, overrides, values)
+    if print_config or dry_run:
+        run = plan(doc)
+        if print_config:
+            import yaml
 
-        print(yaml.safe_dump(doc, sort_keys=False), end="")
+            print(yaml.safe_dump(resolved_document(run), sort_keys=False), end="")
+        if dry_run:
+            print(describe_plan(run))
         return {}
     return run_pipeline(doc)
 
 
-__all__ = ["RunSettings", "Step", "plan", "run_pipeline", "load_run_document", "run_from_cli", "launch_torchrun",
-           "seeded_name"]
+__all__ = ["METHODS", "Plan", "RunSettings", "Step", "describe_plan", "launch_torchrun", "load_run_document",
+           "plan", "preflight", "run_from_cli", "run_pipeline", "seeded_name"]

@@ -1,4 +1,5 @@
-"""Knowledge-distillation regression training: one loop shared by experts, pre-training and baselines.
+"""Knowledge-distillation regression training: one loop and one SGD schedule shared by experts,
+pre-training and baselines.
 
 MKDT's experts, the evaluation's pre-training on a distilled set or a real subset, and the full-data
 upper bound all train an encoder (+ linear head) with MSE to per-image targets using SGD with
@@ -14,18 +15,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mkdt.config import require
 from mkdt.errors import MkdtError
 
 
 @dataclass
 class RegressionSchedule:
-    """SGD settings of the KD objective (REFERENCE defaults: lr 0.1, momentum 0.9, wd 1e-4, batch 256)."""
+    """SGD settings of the KD objective (the paper's: lr 0.1, momentum 0.9, wd 1e-4, batch 256, 20 epochs)."""
 
-    epochs: int = 20
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    batch_size: int = 256
+    epochs: int = 20  # passes over the set
+    lr: float | None = 0.1  # learning rate (pre-training: null = the set's learned lr, or 0.1)
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-4  # SGD weight decay
+    batch_size: int = 256  # minibatch size
+
+    def check(self) -> None:
+        require(self.epochs >= 1, "epochs", "at least 1", self.epochs)
+        require(self.lr is None or self.lr > 0, "lr", "positive", self.lr)
+        require(0 <= self.momentum < 1, "momentum", "in [0, 1)", self.momentum)
+        require(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+        require(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
 
 
 def check_regression_data(images: torch.Tensor, targets: torch.Tensor, where: str = "training data") -> None:

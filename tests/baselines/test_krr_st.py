@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import stage_status
 import torch
 
 from mkdt.baselines import KrrStConfig, distill_krr_st
@@ -76,16 +77,17 @@ def test_loss_decreases_and_output_is_recorded(digits_run):
     losses = [r["loss"] for r in rows]
     assert len(losses) == 30 and all(np.isfinite(losses))
     assert np.median(losses[-5:]) < 0.8 * np.median(losses[:5])
-    s = load_synthetic(result["path"])
+    s = load_synthetic(result.outputs["set"])
     assert s.images.shape == (40, 1, 8, 8) and s.targets.shape == (40, 8) and s.lr is None
     assert set(s.meta["recipes"]) == {"krr_st", "mkdt"} and s.meta["recipes"]["mkdt"]["lr"] == 0.1
     assert not torch.equal(s.targets, digits_run.targets[s.indices])  # Y_s is learned
     assert not (digits_run.out / "krr_st" / "checkpoint.safetensors").exists()
-    assert distill_krr_st(cfg) == result  # finished: no-op
+    again = distill_krr_st(cfg)  # finished: no-op
+    assert again.status == "reused" and again.summary == result.summary
 
 
 def test_interrupted_run_resumes_to_the_same_result(digits_run, tmp_path, monkeypatch):
-    full = load_synthetic(distill_krr_st(_config(digits_run, iterations=8, checkpoint_every=3))["path"])
+    full = load_synthetic(distill_krr_st(_config(digits_run, iterations=8, checkpoint_every=3)).outputs["set"])
     cut = tmp_path / "cut"
     targets = str(digits_run.out / "targets" / "targets.safetensors")
     real_step, calls = krr_st._outer_step, {"n": 0}
@@ -100,11 +102,11 @@ def test_interrupted_run_resumes_to_the_same_result(digits_run, tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         distill_krr_st(_config(digits_run, out=str(cut), targets=targets, iterations=8, checkpoint_every=3))
     assert (cut / "krr_st" / "checkpoint.safetensors").exists()
-    assert not (cut / "krr_st" / "stage.json").exists()
+    assert stage_status(cut / "krr_st") != "done"
     monkeypatch.setattr(krr_st, "_outer_step", real_step)
     resumed = distill_krr_st(_config(digits_run, out=str(cut), targets=targets, iterations=8, checkpoint_every=3))
-    assert resumed["summary"]["resumed_from"] == 3
-    again = load_synthetic(resumed["path"])
+    assert resumed.summary["resumed_from"] == 3
+    again = load_synthetic(resumed.outputs["set"])
     assert torch.equal(again.images, full.images) and torch.equal(again.targets, full.targets)
 
 
@@ -118,14 +120,14 @@ def test_nan_steps_are_skipped_then_stop(digits_run, monkeypatch):
 
     monkeypatch.setattr(krr_st, "krr_predict", sometimes_nan)
     result = distill_krr_st(_config(digits_run, iterations=6))
-    assert result["summary"]["skipped_steps"] == 2
-    assert torch.isfinite(load_synthetic(result["path"]).images).all()
+    assert result.summary["skipped_steps"] == 2
+    assert torch.isfinite(load_synthetic(result.outputs["set"]).images).all()
 
     monkeypatch.setattr(krr_st, "krr_predict", lambda *a, **k: real(*a, **k) * float("nan"))
     with pytest.raises(MkdtError, match="non-finite steps in a row"):
         distill_krr_st(_config(digits_run, iterations=6, out=str(digits_run.out / "nan"), max_bad_steps=3,
                                targets=str(digits_run.out / "targets" / "targets.safetensors")))
-    assert not list((digits_run.out / "nan" / "krr_st").glob("distilled_*"))
+    assert not list((digits_run.out / "nan" / "krr_st").glob("distilled*"))
 
 
 def test_init_file_and_teacher_targets(digits_run, tmp_path, make_targets):
@@ -135,8 +137,8 @@ def test_init_file_and_teacher_targets(digits_run, tmp_path, make_targets):
     from mkdt.runtime import seeded
 
     init = select_subset(SubsetConfig(data=digits_run.data, out=str(digits_run.out), method="random", size=24))
-    result = distill_krr_st(_config(digits_run, init=init["path"], iterations=3))
-    assert torch.equal(load_synthetic(result["path"]).indices, load_synthetic(init["path"]).indices)
+    result = distill_krr_st(_config(digits_run, init=str(init.outputs["set"]), iterations=3))
+    assert torch.equal(load_synthetic(result.outputs["set"]).indices, load_synthetic(init.outputs["set"]).indices)
 
     cfg = ModelConfig(name="convnet", depth=1, width=8)
     with seeded(0):  # the encoder that wrote the fixture's targets (its first 8 of 128 features)
@@ -151,4 +153,4 @@ def test_init_file_and_teacher_targets(digits_run, tmp_path, make_targets):
     make_targets(out, digits_run.data, dim=128)
     result = distill_krr_st(_config(digits_run, out=str(out), real_targets="teacher", teacher=str(path),
                                     iterations=3))
-    assert load_synthetic(result["path"]).targets.shape == (40, 128)
+    assert load_synthetic(result.outputs["set"]).targets.shape == (40, 128)

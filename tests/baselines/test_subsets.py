@@ -16,12 +16,12 @@ def _run(run, **kw):
 
 
 def test_random_subset_size_fraction_count_and_seed(digits_run):
-    frac = load_synthetic(_run(digits_run, method="random", size=0.05)["path"])
+    frac = load_synthetic(_run(digits_run, method="random", size=0.05).outputs["set"])
     assert len(frac) == round(0.05 * digits_run.n)
-    counted = load_synthetic(_run(digits_run, method="random", size=100, name="r100")["path"])
+    counted = load_synthetic(_run(digits_run, method="random", size=100, name="r100").outputs["set"])
     assert len(counted) == 100 and len(torch.unique(counted.indices)) == 100
-    again = load_synthetic(_run(digits_run, method="random", size=100, name="r100b")["path"])
-    other = load_synthetic(_run(digits_run, method="random", size=100, name="r100c", seed=1)["path"])
+    again = load_synthetic(_run(digits_run, method="random", size=100, name="r100b").outputs["set"])
+    other = load_synthetic(_run(digits_run, method="random", size=100, name="r100c", seed=1).outputs["set"])
     assert torch.equal(again.indices, counted.indices)
     assert not torch.equal(other.indices, counted.indices)
     # The stored pairs are the real normalised images with their own teacher targets.
@@ -33,14 +33,15 @@ def test_random_subset_size_fraction_count_and_seed(digits_run):
 
 def test_subset_rerun_is_noop_and_bad_size_fails(digits_run):
     first = _run(digits_run, method="random", size=30)
-    path = digits_run.out / "subsets" / "random.safetensors"
+    path = digits_run.out / "subsets" / "random" / "subset.safetensors"
     stamp = path.stat().st_mtime_ns
-    assert _run(digits_run, method="random", size=30) == first and path.stat().st_mtime_ns == stamp
+    again = _run(digits_run, method="random", size=30)
+    assert again.status == "reused" and again.summary == first.summary and path.stat().st_mtime_ns == stamp
     with pytest.raises(MkdtError, match="larger than the data set"):
         _run(digits_run, method="random", size=10**6, name="huge")
-    with pytest.raises(MkdtError, match="whole number"):
+    with pytest.raises(MkdtError, match="whole count"):
         _run(digits_run, method="random", size=2.5, name="odd")
-    assert not (digits_run.out / "subsets" / "huge.safetensors").exists()
+    assert not (digits_run.out / "subsets" / "huge").exists()
 
 
 def test_subset_refuses_targets_of_other_data(digits_run):
@@ -53,11 +54,11 @@ def test_subset_refuses_targets_of_other_data(digits_run):
 
 
 def test_sas_stage_exact_size_every_cluster_deterministic(digits_run):
-    a = load_synthetic(_run(digits_run, method="sas", size=25, clusters=10)["path"])
+    a = load_synthetic(_run(digits_run, method="sas", size=25, clusters=10).outputs["set"])
     assert len(a) == 25 and len(torch.unique(a.indices)) == 25
     kept = a.meta["selection"]["kept_per_cluster"]
     assert sum(kept) == 25 and min(kept) >= 1 and len(kept) == 10
-    b = load_synthetic(_run(digits_run, method="sas", size=25, clusters=10, name="sas2")["path"])
+    b = load_synthetic(_run(digits_run, method="sas", size=25, clusters=10, name="sas2").outputs["set"])
     assert torch.equal(a.indices, b.indices)
     # SAS keeps the examples most similar to their cluster: their mean score beats the cluster average.
     assert a.meta["selection"]["mean_score_kept"] > a.meta["selection"]["mean_score_all"]
@@ -70,8 +71,8 @@ def test_sas_with_encoder_file(digits_run, tmp_path):
     path = tmp_path / "proxy.safetensors"
     save_tensors(path, enc.state_dict(), {"model": cfg.to_dict(), "in_channels": 1, "resolution": 8})
     out = _run(digits_run, method="sas", size=40, clusters=5, encoder=str(path), name="sas_enc")
-    s = load_synthetic(out["path"])
-    assert len(s) == 40 and s.meta["selection"]["proxy"] == str(path)
+    s = load_synthetic(out.outputs["set"])
+    assert len(s) == 40 and s.meta["selection"]["proxy"] == str(path)  # outside the run folder: as given
     assert torch.equal(s.targets, digits_run.targets[s.indices])
 
 

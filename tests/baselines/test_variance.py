@@ -36,13 +36,13 @@ def test_analysis_writes_numbers_and_plot_and_resumes(digits_run):
         for part in ("encoder", "all"):
             assert all(v > 0 for v in res[part]["variance"]) and all(v > 0 for v in res[part]["displacement"])
             assert all(0 < v < 1.5 for v in res[part]["normalized"])  # <= K/(K-1) by construction
-    assert result["summary"]["kd"]["variance"] == report["objectives"]["kd"]["encoder"]["variance"]
+    assert result.summary["kd"]["variance"] == report["objectives"]["kd"]["encoder"]["variance"]
     assert len(list(stage.glob("kd_*.safetensors"))) == 3 and len(list(stage.glob("ssl_*.safetensors"))) == 3
-    assert analyze_variance(_config(digits_run)) == result  # finished: no-op
-    # Interrupted after the trajectories: re-running re-uses them and reproduces the numbers.
-    (stage / "stage.json").unlink()
+    again_result = analyze_variance(_config(digits_run))  # finished: no-op
+    assert again_result.status == "reused" and again_result.summary == result.summary
+    # The report lost after the trajectories: re-running re-uses them and reproduces the numbers.
     (stage / "variance.json").unlink()
-    analyze_variance(_config(digits_run))
+    assert analyze_variance(_config(digits_run)).status == "repaired"
     again = json.loads((stage / "variance.json").read_text())
     assert again["objectives"] == report["objectives"]
 
@@ -50,7 +50,7 @@ def test_analysis_writes_numbers_and_plot_and_resumes(digits_run):
 def test_epoch_lengths_and_bad_settings(digits_run):
     out = analyze_variance(_config(digits_run, objectives=["kd"], lengths=[1], unit="epochs", num_trajectories=2,
                                    max_images=250))
-    report = json.loads(open(out["path"]).read())
+    report = json.loads(open(out.outputs["report"]).read())
     assert report["objectives"]["kd"]["iterations"] == [4]  # ceil(250 / 64): the short batch counts
     with pytest.raises(MkdtError, match="at least 2"):
         analyze_variance(_config(digits_run, num_trajectories=1))

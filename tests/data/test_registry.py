@@ -8,7 +8,7 @@ import torch
 import mkdt.data as data
 from mkdt.data import registry
 from mkdt.data.sources.base import Decoded
-from mkdt.errors import MkdtError
+from mkdt.errors import ConfigError, MkdtError
 
 BUILTINS = {"cifar10", "cifar100", "tinyimagenet", "imagefolder", "idx", "digits", "flowers102", "aircraft",
             "cub200", "dogs"}
@@ -36,8 +36,8 @@ def test_unknown_source_lists_available_names():
                                           ("channels", 4), ("download", "yes"), ("indices", "1,2"),
                                           ("indices", [1.5]), ("split", "")])
 def test_config_rejects_bad_values_naming_the_field(field, value):
-    with pytest.raises(MkdtError, match=f"data.{field}"):
-        data.DataConfig(**{field: value})
+    with pytest.raises(ConfigError, match=f"data.{field} must be"):
+        data.load_dataset(data.DataConfig(name="digits", **{field: value}))
 
 
 def test_config_accepts_integral_floats_and_tensor_indices():

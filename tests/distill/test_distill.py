@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import stage_status
 import torch
 
 from mkdt.artifacts import load_json, load_tensors, read_metadata
@@ -31,12 +32,11 @@ def test_run_uses_every_expert_and_writes_outputs(config: DistillConfig, tiny: T
     result = distill(config)
     stage = Path(config.out) / "distill"
     record = load_json(stage / "stage.json")
-    assert record["file"] == "distilled_10.safetensors"
     rows = read_log(config)
     assert [r["iteration"] for r in rows] == list(range(1, 11))
     assert {r["expert"] for r in rows} == {0, 1, 2}
     assert {r["start_epoch"] for r in rows} <= {0, 1}
-    final = load_synthetic(stage / record["file"])
+    final = load_synthetic(stage / "distilled.safetensors")
     initial = load_synthetic(tiny.init)
     assert final.images.shape == initial.images.shape and final.targets.shape == initial.targets.shape
     assert final.mean == initial.mean and final.std == initial.std
@@ -47,12 +47,12 @@ def test_run_uses_every_expert_and_writes_outputs(config: DistillConfig, tiny: T
     assert record["summary"]["mean_abs_pixel_change"] == pytest.approx(float(change), rel=1e-5)
     for name in ("grid_initial.png", "grid_distilled.png", "loss.png", "config.yaml", "checkpoint.safetensors"):
         assert (stage / name).stat().st_size > 0, name
-    assert result["path"] == str(stage / record["file"])
+    assert result.outputs["set"] == stage / "distilled.safetensors"
     # a finished stage with the same config is a no-op that returns the recorded result
-    before = (stage / record["file"]).stat().st_mtime_ns
+    before = (stage / "distilled.safetensors").stat().st_mtime_ns
     again = distill(config)
-    assert again.get("reused") and again["summary"] == result["summary"]
-    assert (stage / record["file"]).stat().st_mtime_ns == before
+    assert again.status == "reused" and again.summary == result.summary
+    assert (stage / "distilled.safetensors").stat().st_mtime_ns == before
 
 
 def _fixed_matching_loss(images, targets, lr, tiny: TinyRun, config: DistillConfig) -> float:
@@ -76,7 +76,7 @@ def test_loss_decreases_over_30_iterations(config: DistillConfig, tiny: TinyRun)
     distill(config)
     losses = [r["loss"] for r in read_log(config)]
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
-    final = load_synthetic(Path(config.out) / "distill" / "distilled_30.safetensors")
+    final = load_synthetic(Path(config.out) / "distill" / "distilled.safetensors")
     initial = load_synthetic(tiny.init)
     before = _fixed_matching_loss(initial.images, initial.targets, config.lr_init, tiny, config)
     after = _fixed_matching_loss(final.images, final.targets, final.lr, tiny, config)
@@ -86,7 +86,7 @@ def test_loss_decreases_over_30_iterations(config: DistillConfig, tiny: TinyRun)
 def test_learning_only_images_keeps_targets_and_lr(config: DistillConfig, tiny: TinyRun):
     config = dataclasses.replace(config, iterations=4, learn_targets=False, learn_lr=False)
     distill(config)
-    final = load_synthetic(Path(config.out) / "distill" / "distilled_4.safetensors")
+    final = load_synthetic(Path(config.out) / "distill" / "distilled.safetensors")
     initial = load_synthetic(tiny.init)
     assert torch.equal(final.targets, initial.targets) and final.lr == pytest.approx(config.lr_init)
     assert not torch.equal(final.images, initial.images)
@@ -114,11 +114,11 @@ def test_resume_after_interrupt_is_bit_identical(config: DistillConfig, monkeypa
     interrupted = dataclasses.replace(config, out=str(tmp_path / "interrupted"))
     distill_interrupted_at(interrupted, monkeypatch, call=7)
     stage = Path(interrupted.out) / "distill"
-    assert not (stage / "stage.json").exists() and not list(stage.glob("distilled_*"))
+    assert stage_status(stage) != "done" and not list(stage.glob("distilled*"))
     assert len(read_log(interrupted)) == 6
     distill(interrupted)  # resumes from the checkpoint at iteration 5
-    a = load_synthetic(Path(straight.out) / "distill" / "distilled_10.safetensors")
-    b = load_synthetic(stage / "distilled_10.safetensors")
+    a = load_synthetic(Path(straight.out) / "distill" / "distilled.safetensors")
+    b = load_synthetic(stage / "distilled.safetensors")
     assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets) and a.lr == b.lr
     keys = ("iteration", "loss", "lr", "expert", "start_epoch", "skipped")
     assert [[r[k] for k in keys] for r in read_log(straight)] == [[r[k] for k in keys] for r in read_log(interrupted)]
@@ -130,15 +130,18 @@ def test_raising_iterations_extends_a_finished_run(config: DistillConfig, tmp_pa
     distill(dataclasses.replace(short, iterations=10))
     straight = dataclasses.replace(config, out=str(tmp_path / "straight"))
     distill(straight)
-    a = load_synthetic(Path(short.out) / "distill" / "distilled_10.safetensors")
-    b = load_synthetic(Path(straight.out) / "distill" / "distilled_10.safetensors")
+    a = load_synthetic(Path(short.out) / "distill" / "distilled.safetensors")
+    b = load_synthetic(Path(straight.out) / "distill" / "distilled.safetensors")
     assert torch.equal(a.images, b.images) and a.lr == b.lr
 
 
-def test_checkpoint_of_another_config_is_refused(config: DistillConfig):
-    distill(dataclasses.replace(config, iterations=5))
-    with pytest.raises(MkdtError, match="lr_img"):
-        distill(dataclasses.replace(config, lr_img=1.0))
+def test_other_settings_start_over_and_keep_the_finished_set(config: DistillConfig):
+    """A finished run is never resumed with other settings: it is kept aside and comes back when they do."""
+    first = distill(dataclasses.replace(config, iterations=5))
+    other = distill(dataclasses.replace(config, iterations=5, lr_img=1.0))
+    assert other.status == "ran" and (Path(config.out) / "distill.stale.1" / "distilled.safetensors").is_file()
+    back = distill(dataclasses.replace(config, iterations=5))
+    assert back.status == "restored" and back.summary == first.summary
 
 
 def _nan_on(calls_to_poison):
@@ -161,8 +164,8 @@ def test_single_nan_is_skipped(config: DistillConfig, monkeypatch):
     rows = read_log(config)
     assert [r["skipped"] for r in rows] == [i == 3 for i in range(1, 11)]
     assert rows[2]["loss"] is None and rows[2]["lr"] == rows[1]["lr"]  # no update applied
-    assert result["summary"]["skipped"] == 1 and result["summary"]["updates_applied"] == 9
-    final = load_synthetic(Path(config.out) / "distill" / "distilled_10.safetensors")
+    assert result.summary["skipped"] == 1 and result.summary["updates_applied"] == 9
+    final = load_synthetic(Path(config.out) / "distill" / "distilled.safetensors")
     assert torch.isfinite(final.images).all()
 
 
@@ -172,7 +175,7 @@ def test_persistent_nan_stops_with_a_cause(config: DistillConfig, monkeypatch):
     with pytest.raises(MkdtError, match=r"4 consecutive non-finite.*lr_img=100 is too high.*zero displacement"):
         distill(config)
     stage = Path(config.out) / "distill"
-    assert not (stage / "stage.json").exists() and not list(stage.glob("distilled_*"))
+    assert stage_status(stage) != "done" and not list(stage.glob("distilled*"))
     assert len(read_log(config)) == 6  # 2 good + 4 skipped, then the stop
     checkpoint = load_tensors(stage / "checkpoint.safetensors")  # last good state, finite
     assert all(torch.isfinite(checkpoint[k]).all() for k in ("images", "targets", "lr"))
@@ -237,10 +240,10 @@ def test_memory_saving_auto_follows_the_budget(config: DistillConfig, tmp_path: 
                                         out=str(tmp_path / "tight")))
     roomy = distill(dataclasses.replace(config, iterations=2, memory_saving="auto", memory_budget_gb=100.0,
                                         out=str(tmp_path / "roomy")))
-    assert tight["summary"]["memory_saving"] is True and roomy["summary"]["memory_saving"] is False
-    assert 0 < tight["summary"]["plain_path_estimate_gb"] < 0.1
-    a = load_synthetic(tmp_path / "tight" / "distill" / "distilled_2.safetensors")
-    b = load_synthetic(tmp_path / "roomy" / "distill" / "distilled_2.safetensors")
+    assert tight.summary["memory_saving"] is True and roomy.summary["memory_saving"] is False
+    assert 0 < tight.summary["plain_path_estimate_gb"] < 0.1
+    a = load_synthetic(tmp_path / "tight" / "distill" / "distilled.safetensors")
+    b = load_synthetic(tmp_path / "roomy" / "distill" / "distilled.safetensors")
     assert torch.allclose(a.images, b.images, atol=1e-5) and a.lr == pytest.approx(b.lr, rel=1e-5)
 
 
@@ -249,10 +252,10 @@ def test_augmented_run_is_reproducible(config: DistillConfig, tmp_path: Path):
     for name in ("a", "b"):
         cfg = dataclasses.replace(config, iterations=3, augment=True, out=str(tmp_path / name))
         distill(cfg)
-        runs.append(load_synthetic(tmp_path / name / "distill" / "distilled_3.safetensors"))
+        runs.append(load_synthetic(tmp_path / name / "distill" / "distilled.safetensors"))
     plain = dataclasses.replace(config, iterations=3, out=str(tmp_path / "plain"))
     distill(plain)
-    other = load_synthetic(tmp_path / "plain" / "distill" / "distilled_3.safetensors")
+    other = load_synthetic(tmp_path / "plain" / "distill" / "distilled.safetensors")
     assert torch.equal(runs[0].images, runs[1].images)
     assert not torch.equal(runs[0].images, other.images)
 
@@ -275,13 +278,13 @@ def test_held_out_experts_are_never_drawn_and_give_a_validation_loss(config: Dis
     held = dataclasses.replace(config, validation_experts=1, out=str(tmp_path / "held"))
     result = distill(held)
     assert {r["expert"] for r in read_log(held)} == {0, 1}
-    summary = result["summary"]
+    summary = result.summary
     record = load_json(Path(held.out) / "distill" / "stage.json")
     validation = read_metadata(Path(held.out) / "distill" / "checkpoint.safetensors")["validation"]
     assert [v["iteration"] for v in validation] == [0, 5, 10]
     assert summary["val_loss_initial"] == validation[0]["val_loss"] and summary["val_loss_final"] == validation[-1]["val_loss"]
     assert record["summary"]["validation_experts"] == 1
-    final = load_synthetic(Path(held.out) / "distill" / record["file"])
+    final = load_synthetic(Path(held.out) / "distill" / "distilled.safetensors")
     student = build_model(MODEL, in_channels=1, resolution=8, head_dim=final.targets.shape[1])
     layout = ParamLayout.of(student)
     bank = ExpertBank.open(tiny.experts, layout, MODEL, held.max_start_epoch + held.expert_epochs, held.expert_epochs)
@@ -294,7 +297,7 @@ def test_held_out_experts_are_never_drawn_and_give_a_validation_loss(config: Dis
     # interrupted after the checkpoint at 5, resumed: the same validation rows
     again = dataclasses.replace(held, out=str(tmp_path / "again"))
     distill_interrupted_at(again, monkeypatch, call=7)
-    resumed = distill(again)["summary"]
+    resumed = distill(again).summary
     assert resumed["val_loss_final"] == summary["val_loss_final"]
     with pytest.raises(MkdtError, match="validation_experts=3 leaves none"):
         distill(dataclasses.replace(config, validation_experts=3, out=str(tmp_path / "all")))

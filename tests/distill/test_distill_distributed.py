@@ -2,7 +2,7 @@
 
 The two ranks' synthetic sets stay identical after every update, a non-finite trajectory on one rank
 makes both skip, only rank 0 writes, and the result equals one process that matches the same two
-trajectories per update and averages their gradients (``distill(config, trajectories=2)``).
+trajectories per update and averages their gradients (``trajectories: 2``, a setting of the config).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ WRAPPER = textwrap.dedent("""
     import hashlib, json, os, sys
     from pathlib import Path
     import torch
-    import mkdt.artifacts as artifacts
+    import mkdt.engine as engine
     import mkdt.distill.loop as loop
     from mkdt.distill import matching
     from mkdt.distill.state import DistillState
@@ -71,7 +71,7 @@ WRAPPER = textwrap.dedent("""
 
     loop._apply = apply
     matching.match_plain = match
-    artifacts.save_json = spying(artifacts.save_json, lambda path, *a: Path(path).name)
+    engine.save_json = spying(engine.save_json, lambda path, *a: Path(path).name)
     loop.save_synthetic = spying(loop.save_synthetic, lambda path, *a: Path(path).name)
     loop._rewrite_log = spying(loop._rewrite_log, lambda path, *a: Path(path).name)
     DistillState.save = spying(DistillState.save, lambda self, path, *a: Path(path).name)
@@ -109,10 +109,10 @@ def nan_on_call(monkeypatch, poisoned: int) -> None:
 
 def test_two_processes_stay_in_sync_and_equal_one_process_averaging_two_trajectories(torchrun, 
         config: DistillConfig, tmp_path: Path, monkeypatch):
-    config = dataclasses.replace(config, iterations=6, checkpoint_every=3)
+    config = dataclasses.replace(config, iterations=6, checkpoint_every=3, trajectories=2)
     one, two = tmp_path / "one", tmp_path / "two"
     nan_on_call(monkeypatch, poisoned=6)
-    reference = distill(dataclasses.replace(config, out=str(one)), trajectories=2)
+    reference = distill(dataclasses.replace(config, out=str(one)))
     monkeypatch.undo()
 
     config_file = tmp_path / "distill.yaml"
@@ -125,26 +125,31 @@ def test_two_processes_stay_in_sync_and_equal_one_process_averaging_two_trajecto
     assert updates[0] == updates[1]
 
     # (b) the same run as one process averaging the same two trajectories per update
-    a = load_synthetic(one / "distill" / "distilled_6.safetensors")
-    b = load_synthetic(two / "distill" / "distilled_6.safetensors")
+    a = load_synthetic(one / "distill" / "distilled.safetensors")
+    b = load_synthetic(two / "distill" / "distilled.safetensors")
     assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets) and a.lr == b.lr
     rows_one, rows_two = read_log(one), read_log(two)
     assert rows_one[2]["skipped"] and rows_two[2]["skipped"]
     keys = ("iteration", "loss", "lr", "expert", "start_epoch", "skipped")
     assert [[r[k] for k in keys] for r in rows_one] == [[r[k] for k in keys] for r in rows_two]
     assert all(len(r["expert"]) == 2 and len(r["start_epoch"]) == 2 for r in rows_two)
-    summary = load_json(two / "distill" / "stage.json")["summary"]
-    assert summary["world_size"] == 2 and summary["trajectories_per_update"] == 2
-    assert reference["summary"]["world_size"] == 1 and reference["summary"]["trajectories_per_update"] == 2
-    assert summary["skipped"] == reference["summary"]["skipped"] == 1
+    record = load_json(two / "distill" / "stage.json")
+    summary = record["summary"]
+    assert record["world_size"] == 2 and summary["trajectories_per_update"] == 2
+    assert load_json(one / "distill" / "stage.json")["world_size"] == 1
+    assert reference.summary["trajectories_per_update"] == 2
+    assert summary["skipped"] == reference.summary["skipped"] == 1
+    # the same settings with 1 or 2 processes are the same stage: the two-process run is reused as is
+    again = distill(dataclasses.replace(config, out=str(two)))
+    assert again.status == "reused"
 
-    # only rank 0 writes: log, two checkpoints, the distilled set and stage.json
+    # only rank 0 writes: its record (running, then done), log, two checkpoints and the distilled set
     written = [n["wrote"] for n in notes(tmp_path, 0, "wrote")]
-    assert written == ["log.jsonl", "checkpoint.safetensors", "checkpoint.safetensors", "distilled_6.safetensors",
-                       "stage.json"]
+    assert written == ["stage.json", "log.jsonl", "checkpoint.safetensors", "checkpoint.safetensors",
+                       "distilled.safetensors", "stage.json"]
     assert notes(tmp_path, 1, "wrote") == []
 
 
 def test_trajectories_per_update_must_be_positive(config: DistillConfig, tmp_path: Path):
-    with pytest.raises(MkdtError, match="trajectories per update"):
-        distill(dataclasses.replace(config, out=str(tmp_path / "zero")), trajectories=0)
+    with pytest.raises(MkdtError, match="distill.trajectories must be at least 1"):
+        distill(dataclasses.replace(config, out=str(tmp_path / "zero"), trajectories=0))

@@ -17,9 +17,11 @@ from mkdt.data import DataConfig, load_dataset
 from mkdt.distill import DistillConfig, distill, matching
 from mkdt.distill import ssl_inner
 from mkdt.distill.experts import ExpertBank
-from mkdt.errors import MkdtError
+from mkdt.config import validate
+from mkdt.errors import ConfigError, MkdtError
 from mkdt.experts import ExpertsConfig, train_experts
 from mkdt.ssl.student import SslExpertSettings
+from mkdt.training import RegressionSchedule
 from mkdt.formats import SyntheticSet, load_synthetic, save_synthetic
 from mkdt.models.functional import ParamLayout
 from mkdt.runtime import generator
@@ -38,8 +40,9 @@ def ssl_run(tmp_path_factory) -> SimpleNamespace:
     torch.set_num_threads(1)
     try:
         settings = SslExpertSettings(objective=ObjectiveConfig(projector_hidden=16, projector_out=16))
-        train_experts(ExpertsConfig(data=DATA, model=MODEL, objective="ssl", ssl=settings, num_experts=2, epochs=3,
-                                    lr=0.02, batch_size=128, out=str(root), device="cpu"))
+        train_experts(ExpertsConfig(data=DATA, model=MODEL, objective="ssl", ssl=settings, num_experts=2,
+                                    schedule=RegressionSchedule(epochs=3, lr=0.02, batch_size=128), out=str(root),
+                                    device="cpu"))
     finally:
         torch.set_num_threads(before)
     data = load_dataset(DATA)
@@ -64,18 +67,18 @@ def test_mtt_ssl_distills_a_synthetic_set(ssl_config: DistillConfig, ssl_run):
     result = distill(ssl_config)
     stage = Path(ssl_config.out) / "distill"
     record = load_json(stage / "stage.json")
-    assert record["file"] == "distilled_4.safetensors" and result["path"] == str(stage / record["file"])
+    assert result.outputs["set"] == stage / "distilled.safetensors"
     rows = [json.loads(line) for line in (stage / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows]
     assert len(losses) == 4 and all(v is not None and 0 < v < float("inf") for v in losses)
-    final, initial = load_synthetic(stage / record["file"]), load_synthetic(ssl_run.init)
+    final, initial = load_synthetic(stage / "distilled.safetensors"), load_synthetic(ssl_run.init)
     assert not torch.equal(final.images, initial.images)
     assert torch.equal(final.targets, initial.targets)  # unused, never learned
     assert final.meta["method"] == "mtt_ssl"
     assert final.lr != pytest.approx(ssl_config.lr_init)
     saved = record["config"]
-    assert saved["inner_objective"] == "ssl" and saved["learn_targets"] is False and saved["memory_saving"] is False
-    assert result["summary"]["memory_saving"] is False
+    assert saved["inner_objective"] == "ssl" and saved["learn_targets"] is None and saved["memory_saving"] == "auto"
+    assert result.summary["memory_saving"] is False
 
 
 def test_ssl_matching_loss_is_finite_with_image_gradients(ssl_run):
@@ -87,7 +90,7 @@ def test_ssl_matching_loss_is_finite_with_image_gradients(ssl_run):
     images = init.images.clone().requires_grad_(True)
     steps = matching.plan_steps(len(images), 16, 3, generator(0))
     problem = matching.Problem(student, layout, theta0, theta_star, images, init.targets,
-                               torch.tensor(0.02, requires_grad=True), steps)
+                               torch.tensor(0.02, requires_grad=True), steps, objective=student)
     result = matching.match_plain(problem)
     assert torch.isfinite(result.loss) and result.finite()
     assert result.grad_images.abs().sum() > 0 and result.grad_targets is None
@@ -102,8 +105,8 @@ def test_ssl_matching_loss_is_finite_with_image_gradients(ssl_run):
 def test_extended_run_equals_an_uninterrupted_one(ssl_config: DistillConfig, tmp_path: Path):
     short = dataclasses.replace(ssl_config, iterations=2, out=str(tmp_path / "ext"))
     distill(short)
-    extended = load_synthetic(Path(distill(dataclasses.replace(short, iterations=4))["path"]))
-    straight = load_synthetic(Path(distill(ssl_config)["path"]))
+    extended = load_synthetic(distill(dataclasses.replace(short, iterations=4)).outputs["set"])
+    straight = load_synthetic(distill(ssl_config).outputs["set"])
     assert torch.equal(extended.images, straight.images) and extended.lr == straight.lr
 
 
@@ -122,29 +125,27 @@ def test_mismatched_objectives_are_refused_in_one_line(ssl_config: DistillConfig
 
 def test_a_kd_expert_among_ssl_experts_is_named(ssl_config: DistillConfig, ssl_run, tiny: TinyRun, tmp_path: Path):
     mixed = tmp_path / "mixed"
-    shutil.copytree(ssl_run.experts, mixed)
+    shutil.copytree(ssl_run.experts, mixed, ignore=shutil.ignore_patterns("stage.json"))  # files by hand
     shutil.copy(tiny.experts / "expert_0000.safetensors", mixed / "expert_0009.safetensors")
     with pytest.raises(MkdtError, match="expert_0009.safetensors was trained with objective kd") as err:
         distill(dataclasses.replace(ssl_config, experts_dir=str(mixed)))
     assert "\n" not in str(err.value)
 
 
-def test_ssl_config_freezes_targets_and_takes_the_plain_path(ssl_run):
+def test_ssl_config_leaves_targets_alone_and_takes_the_plain_path():
     config = DistillConfig(inner_objective="ssl")
-    assert config.learn_targets is False and config.memory_saving is False
-    config.check()
-    with pytest.raises(MkdtError, match="memory_saving is not supported"):
-        DistillConfig(inner_objective="ssl", memory_saving=True).check()
-    with pytest.raises(MkdtError, match="set augment=false"):
-        DistillConfig(inner_objective="ssl", augment=True).check()
-    with pytest.raises(MkdtError, match="'inner_objective' must be kd or ssl"):
-        DistillConfig(inner_objective="simclr").check()
+    validate(config)
+    assert config.targets_learned is False and config.memory_mode == "off"
+    assert config.learn_targets is None and config.memory_saving == "auto"  # the user's values are not rewritten
+    for bad, message in (({"memory_saving": True}, "memory_saving must be false or auto with inner_objective ssl"),
+                         ({"augment": True}, "augment must be false with inner_objective ssl"),
+                         ({"learn_targets": True}, "learn_targets must be false or null with inner_objective ssl")):
+        with pytest.raises(ConfigError, match=message):
+            validate(DistillConfig(inner_objective="ssl", **bad))
+    with pytest.raises(ConfigError, match="inner_objective must be kd or ssl"):
+        validate(DistillConfig(inner_objective="simclr"))
     kd = DistillConfig()
-    assert kd.inner_objective == "kd" and kd.learn_targets is True and kd.memory_saving == "auto"
-    init = load_synthetic(ssl_run.init)
-    student = ssl_inner.build_inner_student(MODEL, ssl_run.experts, 1, 8, init.mean, init.std, seed=0)
-    with pytest.raises(MkdtError, match="memory-saving path"):
-        matching.inner_loss(student, ParamLayout.of(student), torch.zeros(1), init.images, init.targets)
+    assert kd.targets_learned is True and kd.memory_mode == "auto"
 
 
 def test_one_image_minibatches_are_refused(ssl_config: DistillConfig):

@@ -37,6 +37,6 @@ def random_encoder(tmp_path):
              out: Path | None = None) -> Path:
         result = pretrain(PretrainConfig(kind="none", name=name, out=str(out or tmp_path), data=data, model=model,
                                          seed=seed, device="cpu"))
-        return Path(result["encoder"])
+        return result.outputs["encoder"]
 
     return make

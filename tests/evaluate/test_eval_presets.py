@@ -25,7 +25,7 @@ def test_every_stage_has_presets():
 def test_preset_resolves(stage, name):
     cfg = resolve(STAGES[stage], preset=name, section=stage)
     if stage == "pretrain":
-        assert cfg.kind in KINDS and cfg.epochs == 20 and cfg.batch_size == 256
+        assert cfg.kind in KINDS and cfg.schedule.epochs == 20 and cfg.schedule.batch_size == 256
     elif stage == "probe":
         assert set(cfg.protocols) <= set(PROTOCOLS) and cfg.reg == 1e-3 and cfg.paper_iterations == 20
         assert cfg.seeds == [0, 1, 2] and cfg.downstream

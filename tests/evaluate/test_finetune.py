@@ -6,10 +6,16 @@ import pytest
 import torch
 
 import mkdt.evaluate.finetuning as ft
+from mkdt.evaluate import probe_results
 from mkdt.data import DataConfig
 from mkdt.errors import MkdtError
 from mkdt.evaluate import FinetuneConfig, finetune
 from mkdt.runtime import generator
+
+def finetuned(config):
+    """Run the finetune stage and return the results.json it recorded."""
+    return probe_results(finetune(config))
+
 
 
 def test_crop_flip_shapes_identity_and_windows():
@@ -35,7 +41,7 @@ def cfg(tmp_path, enc, **kw) -> FinetuneConfig:
 
 
 def test_finetune_learns_and_writes_results(tmp_path, random_encoder):
-    res = finetune(cfg(tmp_path, random_encoder(), seeds=[0, 1]))
+    res = finetuned(cfg(tmp_path, random_encoder(), seeds=[0, 1]))
     assert len(res["runs"]) == 2
     for run in res["runs"]:
         assert run["protocol"] == "finetune" and run["accuracy"] > 50  # chance is 10%
@@ -48,7 +54,7 @@ def test_finetune_learns_and_writes_results(tmp_path, random_encoder):
 
 def test_interrupted_finetune_resumes_to_the_same_result(tmp_path, random_encoder, monkeypatch):
     enc = random_encoder()
-    reference = finetune(cfg(tmp_path / "ref", enc))["runs"][0]["accuracy"]
+    reference = finetuned(cfg(tmp_path / "ref", enc))["runs"][0]["accuracy"]
     real = ft.crop_flip
     count = {"n": 0}
 
@@ -60,18 +66,18 @@ def test_interrupted_finetune_resumes_to_the_same_result(tmp_path, random_encode
 
     monkeypatch.setattr(ft, "crop_flip", interrupt_at_35)
     with pytest.raises(KeyboardInterrupt):
-        finetune(cfg(tmp_path / "cut", enc))
+        finetuned(cfg(tmp_path / "cut", enc))
     ckpts = list((tmp_path / "cut" / "finetune" / "none" / "checkpoints").rglob("*.safetensors"))
     assert len(ckpts) == 1
     steps = []
     monkeypatch.setattr(ft, "crop_flip", lambda *a, **k: (steps.append(1), real(*a, **k))[1])
-    resumed = finetune(cfg(tmp_path / "cut", enc))["runs"][0]
+    resumed = finetuned(cfg(tmp_path / "cut", enc))["runs"][0]
     assert len(steps) == 60 - 30  # resumed from the checkpoint at iteration 30, not from scratch
     assert resumed["accuracy"] == pytest.approx(reference, abs=1e-9)
 
 
 def test_finetune_errors(tmp_path, random_encoder):
     with pytest.raises(MkdtError, match="encoder file not found"):
-        finetune(cfg(tmp_path, tmp_path / "missing.safetensors"))
+        finetuned(cfg(tmp_path, tmp_path / "missing.safetensors"))
     with pytest.raises(MkdtError, match="split_mode"):
-        finetune(cfg(tmp_path, random_encoder(), split_mode="random"))
+        finetuned(cfg(tmp_path, random_encoder(), split_mode="random"))

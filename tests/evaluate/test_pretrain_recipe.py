@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mkdt.training import RegressionSchedule
 from mkdt.errors import MkdtError
 from mkdt.evaluate import PretrainConfig, pretrain
 from mkdt.formats import SyntheticSet, save_synthetic
@@ -24,11 +25,12 @@ def set_with_recipes(path, recipes):
 def test_recorded_recipe_sets_epochs_lr_and_batch(tmp_path):
     src = set_with_recipes(tmp_path / "krr.safetensors",
                            {"krr_st": {"epochs": 3, "lr": 0.05, "momentum": 0.5, "weight_decay": 0.0, "batch_size": 4}})
-    base = dict(kind="subset", source=str(src), out=str(tmp_path), model=TINY, epochs=1, device="cpu")
+    base = dict(kind="subset", source=str(src), out=str(tmp_path), model=TINY,
+                schedule=RegressionSchedule(epochs=1, lr=None), device="cpu")
     own = pretrain(PretrainConfig(name="own", recipe="krr_st", **base))
     plain = pretrain(PretrainConfig(name="plain", **base))
-    assert own["summary"]["epochs"] == 3 and own["summary"]["lr"] == pytest.approx(0.05)
-    assert plain["summary"]["epochs"] == 1 and plain["summary"]["lr"] == pytest.approx(0.1)
+    assert own.summary["epochs"] == 3 and own.summary["lr"] == pytest.approx(0.05)
+    assert plain.summary["epochs"] == 1 and plain.summary["lr"] == pytest.approx(0.1)
     saved = (tmp_path / "pretrain" / "own" / "config.yaml").read_text()
     assert "recipe: krr_st" in saved and "epochs: 1" in saved  # the config as given, recipe named
 
@@ -39,5 +41,5 @@ def test_unknown_recipe_names_the_recorded_ones(tmp_path):
         pretrain(PretrainConfig(kind="subset", source=str(src), recipe="krr_st", out=str(tmp_path), model=TINY,
                                 device="cpu"))
     assert not (tmp_path / "pretrain").exists()
-    with pytest.raises(MkdtError, match="needs kind distilled or subset"):
+    with pytest.raises(MkdtError, match="recipe must be null unless kind is distilled or subset"):
         pretrain(PretrainConfig(kind="none", recipe="krr_st", out=str(tmp_path), model=TINY, device="cpu"))

@@ -6,9 +6,12 @@ import math
 from pathlib import Path
 
 import pytest
+from helpers import stage_status
 import torch
 
 import mkdt.evaluate.probing as probe_mod
+from mkdt.training import RegressionSchedule
+from mkdt.evaluate import probe_results
 from mkdt.artifacts import load_json, load_tensors, read_metadata, save_tensors
 from mkdt.cli import main
 from mkdt.data import DataConfig
@@ -18,6 +21,11 @@ from mkdt.formats import SyntheticSet, save_synthetic
 from mkdt.models import ModelConfig
 
 DIGITS = [DataConfig(name="digits")]
+
+def probed(config):
+    """Run the probe stage and return the results.json it recorded."""
+    return probe_results(probe(config))
+
 
 
 def small(out, encoder, **kw) -> ProbeConfig:
@@ -29,7 +37,7 @@ def small(out, encoder, **kw) -> ProbeConfig:
 
 def test_results_layout_and_summary(tmp_path, random_encoder):
     enc = random_encoder()
-    res = probe(small(tmp_path, enc, percents=[5.0, 50.0]))
+    res = probed(small(tmp_path, enc, percents=[5.0, 50.0]))
     stage = tmp_path / "probe" / "none"
     assert (stage / "stage.json").is_file() and (stage / "results.json").is_file()
     assert load_json(stage / "results.json") == load_json(stage / "results.json")  # valid JSON
@@ -48,8 +56,8 @@ def test_results_layout_and_summary(tmp_path, random_encoder):
 
 def test_same_seed_same_split_and_number(tmp_path, random_encoder):
     enc = random_encoder()
-    a = probe(small(tmp_path / "a", enc))
-    b = probe(small(tmp_path / "b", enc))
+    a = probed(small(tmp_path / "a", enc))
+    b = probed(small(tmp_path / "b", enc))
     key = lambda r: (r["protocol"], r["percent"], r["seed"])  # noqa: E731
     runs_a = {key(r): r for r in a["runs"]}
     runs_b = {key(r): r for r in b["runs"]}
@@ -61,7 +69,7 @@ def test_same_seed_same_split_and_number(tmp_path, random_encoder):
 
 
 def test_stratified_fraction_holds_every_class(tmp_path, random_encoder):
-    res = probe(small(tmp_path, random_encoder(), protocols=["converged"], percents=[1.0], seeds=[0, 1, 2]))
+    res = probed(small(tmp_path, random_encoder(), protocols=["converged"], percents=[1.0], seeds=[0, 1, 2]))
     for run in res["runs"]:
         assert run["classes_seen"] == 10
         assert run["train_size"] >= 10
@@ -75,7 +83,7 @@ def test_collapsed_probe_is_flagged(tmp_path, random_encoder):
     meta = read_metadata(enc)
     zero = {k: torch.zeros_like(v) for k, v in load_tensors(enc).items()}
     save_tensors(enc, zero, meta)
-    res = probe(small(tmp_path, enc, protocols=["converged"]))
+    res = probed(small(tmp_path, enc, protocols=["converged"]))
     assert all(r["collapsed"] and r["majority_fraction"] >= 0.9 for r in res["runs"])
     assert res["summary"]["digits"]["converged"]["5"]["collapsed"] is True
     paths = write_tables({"zeroed": res}, tmp_path / "tables")
@@ -97,10 +105,10 @@ def test_rerun_is_noop_and_interrupted_run_resumes(tmp_path, random_encoder, mon
 
     monkeypatch.setattr(probe_mod, "evaluate_one", flaky)
     with pytest.raises(KeyboardInterrupt):
-        probe(cfg)
-    assert not (tmp_path / "probe" / "none" / "stage.json").exists()
+        probed(cfg)
+    assert stage_status(tmp_path / "probe" / "none") != "done"
     monkeypatch.setattr(probe_mod, "evaluate_one", lambda *a, **k: (calls.append(a[4:7]), real(*a, **k))[1])
-    res = probe(cfg)
+    res = probed(cfg)
     assert len(calls) == 6  # 3 before the interruption + the 3 missing ones, none redone
     assert len(res["runs"]) == 6
 
@@ -108,13 +116,13 @@ def test_rerun_is_noop_and_interrupted_run_resumes(tmp_path, random_encoder, mon
         raise AssertionError("a finished probe must not be recomputed")
 
     monkeypatch.setattr(probe_mod, "evaluate_one", fail)
-    assert probe(cfg)["runs"] == res["runs"]
+    assert probed(cfg)["runs"] == res["runs"]
 
 
 def test_features_are_cached_per_encoder_and_data(tmp_path, random_encoder, monkeypatch):
     enc = random_encoder()
-    probe(small(tmp_path, enc))
-    cache = sorted((tmp_path / "probe" / "none" / "features").glob("*.safetensors"))
+    probed(small(tmp_path, enc))
+    cache = sorted((tmp_path / "cache" / "probe-features" / "none").glob("*.safetensors"))
     assert len(cache) == 2  # train and test split
     digest = probe_mod.load_encoder(enc).digest
     assert all(p.name.startswith(digest + "_") for p in cache)
@@ -123,13 +131,13 @@ def test_features_are_cached_per_encoder_and_data(tmp_path, random_encoder, monk
         raise AssertionError("features should come from the cache")
 
     monkeypatch.setattr(probe_mod, "extract_features", no_extract)
-    res = probe(small(tmp_path, enc, reg=1e-2))  # other config, same encoder, data and labelled subsets
+    res = probed(small(tmp_path, enc, reg=1e-2))  # other config, same encoder, data and labelled subsets
     assert len(res["runs"]) == 4
     monkeypatch.undo()
     other = random_encoder(seed=1, out=tmp_path / "other")
     enc.write_bytes(other.read_bytes())  # a new encoder under the same name: its features replace the old
-    probe(small(tmp_path, enc, percents=[10.0]))
-    now = sorted((tmp_path / "probe" / "none" / "features").glob("*.safetensors"))
+    probed(small(tmp_path, enc, percents=[10.0]))
+    now = sorted((tmp_path / "cache" / "probe-features" / "none").glob("*.safetensors"))
     new_digest = probe_mod.load_encoder(enc).digest
     assert new_digest != digest and len(now) == 2 and all(p.name.startswith(new_digest) for p in now)
 
@@ -147,17 +155,17 @@ def test_only_labelled_training_images_are_encoded(tmp_path, random_encoder, mon
         return real(model, images, mean, std, **kw)
 
     monkeypatch.setattr(probe_mod, "extract_features", spy)
-    probe(small(tmp_path, enc))
+    probed(small(tmp_path, enc))
     digits_train, digits_test = 1437, 360  # the digits source's train / test split sizes
     cfg = small(tmp_path, enc)
     labels = probe_mod.load_split_set(DIGITS[0], "train", probe_mod.load_encoder(enc)).labels
     rows = probe_mod.labelled_rows(cfg, labels)
     assert sorted(counts) == sorted([len(rows), digits_test]) and len(rows) < digits_train // 2
     counts.clear()
-    wider = probe(small(tmp_path, enc, percents=[5.0, 10.0]))
+    wider = probed(small(tmp_path, enc, percents=[5.0, 10.0]))
     wider_rows = probe_mod.labelled_rows(small(tmp_path, enc, percents=[5.0, 10.0]), labels)
     assert counts == [len(wider_rows) - len(rows)]  # only the new rows; the test split came from the cache
-    full = probe(small(tmp_path / "full", enc, percents=[5.0, 10.0, 60.0]))  # >= half: encodes everything
+    full = probed(small(tmp_path / "full", enc, percents=[5.0, 10.0, 60.0]))  # >= half: encodes everything
     for run in wider["runs"]:
         same = [r for r in full["runs"] if (r["protocol"], r["percent"], r["seed"]) ==
                 (run["protocol"], run["percent"], run["seed"])]
@@ -176,7 +184,7 @@ def test_downstream_is_adapted_and_normalised_with_encoder_stats(tmp_path, rando
         return real(model, images, mean, std, **kw)
 
     monkeypatch.setattr(probe_mod, "extract_features", spy)
-    res = probe(small(tmp_path, enc, protocols=["paper"], seeds=[0]))
+    res = probed(small(tmp_path, enc, protocols=["paper"], seeds=[0]))
     assert res["runs"][0]["accuracy"] > 20
     assert seen and all(s[0] == (3, 16, 16) for s in seen)
     assert all(list(s[1]) == meta["mean"] and list(s[2]) == meta["std"] for s in seen)
@@ -184,14 +192,14 @@ def test_downstream_is_adapted_and_normalised_with_encoder_stats(tmp_path, rando
 
 def test_missing_encoder_is_a_clear_error(tmp_path):
     with pytest.raises(MkdtError, match="encoder file not found"):
-        probe(small(tmp_path, tmp_path / "nope" / "encoder.safetensors"))
+        probed(small(tmp_path, tmp_path / "nope" / "encoder.safetensors"))
 
 
 def test_file_without_encoder_metadata_is_rejected(tmp_path):
     path = tmp_path / "weights.safetensors"
     save_tensors(path, {"w": torch.zeros(3)})
     with pytest.raises(MkdtError, match="not an mkdt encoder"):
-        probe(small(tmp_path, path))
+        probed(small(tmp_path, path))
 
 
 def test_channel_mismatch_that_cannot_be_adapted(tmp_path):
@@ -200,20 +208,21 @@ def test_channel_mismatch_that_cannot_be_adapted(tmp_path):
                        indices=torch.arange(16))
     save_synthetic(tmp_path / "two.safetensors", syn)
     r = pretrain(PretrainConfig(kind="subset", source=str(tmp_path / "two.safetensors"), out=str(tmp_path),
-                                model=ModelConfig(name="convnet", depth=1, width=4), epochs=1, device="cpu"))
+                                model=ModelConfig(name="convnet", depth=1, width=4),
+                                schedule=RegressionSchedule(epochs=1, lr=None), device="cpu"))
     with pytest.raises(MkdtError, match="encoder expects 2"):
-        probe(small(tmp_path, r["encoder"]))
+        probed(small(tmp_path, r.outputs["encoder"]))
 
 
 def test_bad_protocol_is_an_error(tmp_path, random_encoder):
     with pytest.raises(MkdtError, match="protocols"):
-        probe(small(tmp_path, random_encoder(), protocols=["closed-form"]))
+        probed(small(tmp_path, random_encoder(), protocols=["closed-form"]))
 
 
 def test_cli_reports_one_line_error(tmp_path, capsys):
     code = main(["probe", "--out", str(tmp_path), "--set", f"encoder={tmp_path / 'missing.safetensors'}"])
     err = capsys.readouterr().err.strip()
-    assert code == 1 and len(err.splitlines()) == 1 and "missing.safetensors" in err
+    assert code == 2 and len(err.splitlines()) == 1 and "missing.safetensors" in err  # checked before it starts
 
 
 def test_cli_runs_a_probe(tmp_path, random_encoder):
@@ -236,7 +245,7 @@ def test_diverged_fit_is_recorded_without_nan(tmp_path, random_encoder, monkeypa
         return fit
 
     monkeypatch.setattr(probe_mod, "fit_logistic", blow_up)
-    res = probe(small(tmp_path, random_encoder(), protocols=["paper"]))
+    res = probed(small(tmp_path, random_encoder(), protocols=["paper"]))
     assert all(r["diverged"] and r["accuracy"] is None and r["loss"] is None for r in res["runs"])
     cell = res["summary"]["digits"]["paper"]["5"]
     assert cell["diverged"] and cell["mean"] is None

@@ -8,6 +8,7 @@ import subprocess
 import textwrap
 from pathlib import Path
 
+from mkdt.evaluate import probe_results
 from mkdt.artifacts import load_json
 from mkdt.config import resolve
 from mkdt.evaluate import ProbeConfig, probe
@@ -16,12 +17,12 @@ from mkdt.evaluate import ProbeConfig, probe
 WRAPPER = textwrap.dedent("""
     import json, os, sys
     from pathlib import Path
-    import mkdt.artifacts as artifacts
+    import mkdt.engine as engine
     import mkdt.evaluate.probing as probing
     from mkdt.cli import main
 
     log = Path(sys.argv[1]) / f"writes-rank{os.environ['RANK']}.jsonl"
-    real = artifacts.save_json
+    real = engine.save_json
 
     def spy(path, obj):
         with open(log, "a") as fh:
@@ -35,7 +36,7 @@ WRAPPER = textwrap.dedent("""
             fh.write(json.dumps("extract") + "\\n")
         return real_extract(*args, **kwargs)
 
-    artifacts.save_json = spy  # used by StageDir.finish
+    engine.save_json = spy  # the stage contract writes stage.json through it
     probing.save_json = spy  # results.json and partial files
     probing.extract_features = extract
     raise SystemExit(main(sys.argv[2:]))
@@ -51,27 +52,28 @@ CONFIG = textwrap.dedent("""
       name: tiny
 """)
 
+def probed(config):
+    """Run the probe stage and return the results.json it recorded."""
+    return probe_results(probe(config))
+
+
 
 def launch(torchrun, tmp_path: Path, config: Path, out: Path) -> subprocess.CompletedProcess:
     return torchrun(WRAPPER, tmp_path, ["probe", "--config", str(config), "--out", str(out), "--device", "cpu", "--seed", "3"])
-
-
-def without_measure(results: dict) -> dict:
-    return {k: v for k, v in results.items() if k != "measure"}
 
 
 def test_two_process_probe_equals_one_process_and_only_rank0_writes(torchrun, tmp_path, random_encoder):
     enc = random_encoder(out=tmp_path / "enc")
     config = tmp_path / "probe.yaml"
     config.write_text(CONFIG.format(encoder=enc))
-    single = probe(resolve(ProbeConfig, section="probe", files=[str(config)],
+    single = probed(resolve(ProbeConfig, section="probe", files=[str(config)],
                            values={"out": str(tmp_path / "one"), "device": "cpu", "seed": 3}))
 
     launch(torchrun, tmp_path, config, tmp_path / "two")
     stage = tmp_path / "two" / "probe" / "tiny"
     double = load_json(stage / "results.json")
-    assert double["measure"]["world_size"] == 2 and single["measure"]["world_size"] == 1
-    assert without_measure(double) == without_measure(single)  # every accuracy, split digest, loss, summary
+    assert load_json(tmp_path / "one" / "probe" / "tiny" / "stage.json")["world_size"] == 1
+    assert double == single  # every accuracy, split digest, loss, summary
     assert len(double["runs"]) == 3 and all(r["accuracy"] > 10 for r in double["runs"])
     assert load_json(stage / "stage.json")["world_size"] == 2
     assert not list(stage.glob("partial*.json"))  # per-rank resume files are removed once results exist
@@ -84,5 +86,5 @@ def test_two_process_probe_equals_one_process_and_only_rank0_writes(torchrun, tm
     assert rank0.count("partial-rank0.json") == 2 and rank1 == ["partial-rank1.json"]
     # Features (train and test split) were extracted once, by rank 0; rank 1 read rank 0's cache files.
     assert rank0.count("extract") == 2 and "extract" not in rank1
-    assert len(list((stage / "features").glob("*.safetensors"))) == 2
+    assert len(list((tmp_path / "two" / "cache" / "probe-features" / "tiny").glob("*.safetensors"))) == 2
 

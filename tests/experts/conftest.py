@@ -15,8 +15,10 @@ from mkdt.data import DataConfig, load_dataset
 from mkdt.experts import ExpertsConfig, InitConfig
 from mkdt.formats import save_targets
 from mkdt.models import ModelConfig
+from mkdt.training import RegressionSchedule
 
 TINY = ModelConfig(name="convnet", width=8, depth=1, norm="instancenorm", pool="avgpool")
+SCHEDULE_KEYS = ("epochs", "lr", "momentum", "weight_decay", "batch_size")
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +53,9 @@ def run(tmp_path: Path, digits: DataConfig) -> SimpleNamespace:
     values = write_targets(out, digits)
 
     def experts(**overrides) -> ExpertsConfig:
-        base = dict(data=digits, model=TINY, num_experts=3, epochs=2, batch_size=128, out=str(out), device="cpu")
+        sched = {k: overrides.pop(k) for k in SCHEDULE_KEYS if k in overrides}
+        base = dict(data=digits, model=TINY, num_experts=3, out=str(out), device="cpu",
+                    schedule=RegressionSchedule(**{"epochs": 2, "batch_size": 128, **sched}))
         return ExpertsConfig(**{**base, **overrides})
 
     def init(**overrides) -> InitConfig:

@@ -20,7 +20,7 @@ from mkdt.formats import load_trajectory
 WRAPPER = textwrap.dedent("""
     import json, os, sys
     from pathlib import Path
-    import mkdt.artifacts as artifacts
+    import mkdt.engine as engine
     import mkdt.experts.trajectories as trajectories
     from mkdt.cli import main
 
@@ -33,7 +33,7 @@ WRAPPER = textwrap.dedent("""
             return real(path, *args, **kwargs)
         return spy
 
-    artifacts.save_json = spying(artifacts.save_json)  # StageDir.finish writes stage.json through it
+    engine.save_json = spying(engine.save_json)  # the stage contract writes stage.json through it
     trajectories.save_trajectory = spying(trajectories.save_trajectory)  # every expert file
     raise SystemExit(main(sys.argv[2:]))
 """)
@@ -43,8 +43,7 @@ CONFIG = textwrap.dedent("""
       data: {name: digits, resolution: 8}
       model: {name: convnet, width: 8, depth: 1, norm: instancenorm, pool: avgpool}
       num_experts: 3
-      epochs: 2
-      batch_size: 128
+      schedule: {epochs: 2, batch_size: 128}
 """)
 
 
@@ -77,12 +76,14 @@ def test_two_process_experts_equal_one_process_and_only_rank0_writes(torchrun, t
         assert torch.equal(a.params, b.params) and a.epochs == b.epochs, f"expert {i} differs"
         assert a.meta["losses"] == b.meta["losses"] and a.meta["settings_digest"] == b.meta["settings_digest"]
 
-    summary = load_json(two / "experts" / "stage.json")["summary"]
-    assert summary["world_size"] == 2 and single["summary"]["world_size"] == 1
+    record = load_json(two / "experts" / "stage.json")
+    summary = record["summary"]
+    assert record["world_size"] == 2 and load_json(run.out / "experts" / "stage.json")["world_size"] == 1
     assert summary["trained_now"] == 2 and summary["resumed_finished"] == 1
-    assert summary["final_loss_mean"] == single["summary"]["final_loss_mean"]
+    assert summary["final_loss_mean"] == single.summary["final_loss_mean"]
 
-    assert writes(tmp_path, 0) == ["expert_0001.safetensors", "stage.json"]
+    # the record says "running" before the work and "done" after it; only rank 0 writes it
+    assert writes(tmp_path, 0) == ["stage.json", "expert_0001.safetensors", "stage.json"]
     assert writes(tmp_path, 1) == ["expert_0002.safetensors"]
     assert (two / "experts" / "log-rank0.jsonl").is_file() and (two / "experts" / "log-rank1.jsonl").is_file()
     assert not list((two / "experts").glob("partial_*"))

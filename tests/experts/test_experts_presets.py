@@ -17,8 +17,9 @@ def test_presets_resolve(name):
     experts = resolve(ExpertsConfig, preset=name, section="experts")
     init = resolve(InitConfig, preset=name, section="init")
     # keep_epochs = max_start_epoch + expert_epochs of the distill preset: 2 + 2 (paper), 1 + 1 (cpu)
-    assert experts.keep_epochs == (4 if name.endswith("paper") else 1) and experts.epochs == 20
-    assert (experts.lr, experts.momentum, experts.weight_decay, experts.batch_size) == (0.1, 0.9, 1e-4, 256)
+    assert experts.keep_epochs == (4 if name.endswith("paper") else 1) and experts.schedule.epochs == 20
+    s = experts.schedule
+    assert (s.lr, s.momentum, s.weight_decay, s.batch_size) == (0.1, 0.9, 1e-4, 256)
     assert experts.model.norm == "instancenorm" and experts.model.pool == "avgpool"
     assert init.model == experts.model and init.data == experts.data and init.size == 0.02 and init.epoch == 1
     if name.endswith("paper"):
@@ -36,7 +37,7 @@ def test_cli_experts_then_init_on_digits(capsys, cli_run):
     out = cli_run
     common = ["--out", str(out), "--device", "cpu", "--set", "data.name=digits", "--set", "data.resolution=8",
               "--set", "model.width=8", "--set", "model.depth=1"]
-    assert main(["experts", *common, "--set", "num_experts=2", "--set", "epochs=1", "--set", "batch_size=256"]) == 0
+    assert main(["experts", *common, "--set", "num_experts=2", "--set", "schedule.epochs=1", "--set", "schedule.batch_size=256"]) == 0
     assert load_trajectory(out / "experts" / "expert_0001.safetensors").epochs == [0, 1]
     assert main(["init", *common, "--set", "size=10"]) == 0
     assert len(load_synthetic(out / "init" / "high_loss.safetensors")) == 10
@@ -48,4 +49,4 @@ def test_cli_reports_one_line_errors(capsys, cli_run):
     code = main(["init", "--out", str(out), "--device", "cpu", "--set", "data.name=digits",
                  "--set", "data.resolution=8"])
     err = capsys.readouterr().err.strip()
-    assert code == 1 and len(err.splitlines()) == 1 and "mkdt experts" in err
+    assert code == 2 and len(err.splitlines()) == 1 and "mkdt experts" in err

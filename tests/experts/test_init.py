@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import stage_status
 import torch
 
 from mkdt.artifacts import load_tensors, read_metadata, save_tensors
@@ -54,7 +55,7 @@ def test_high_loss_set_holds_the_highest_mean_losses(trained):
     torch.testing.assert_close(high.images, data.normalize(data.images[chosen]))
     torch.testing.assert_close(high.targets, trained.targets[chosen])
     assert high.meta["method"] == "high_loss" and high.meta["fingerprint"] == data.fingerprint()
-    summary = result["summary"]
+    summary = result.summary
     assert summary["mean_loss_high_loss"] > summary["mean_loss_all"] > 0
     assert summary["mean_loss_high_loss"] > summary["mean_loss_random"]
     assert abs(summary["mean_loss_all"] - float(mean_loss.mean())) < 1e-5
@@ -79,7 +80,7 @@ def test_random_set_is_seeded(trained):
 def test_size_as_fraction_or_count(trained, size, count):
     result = select_initial_set(trained.init(size=size))
     want = count if count is not None else round(size * trained.n)
-    assert result["summary"]["count"] == want
+    assert result.summary["count"] == want
     assert len(load_synthetic(trained.out / "init" / "high_loss.safetensors")) == want
     assert len(load_synthetic(trained.out / "init" / "random.safetensors")) == want
 
@@ -104,7 +105,7 @@ def test_scoring_resumes_after_interrupt(trained, monkeypatch):
     monkeypatch.setattr(init_mod, "per_example_loss", scored_then_stop)
     with pytest.raises(KeyboardInterrupt):
         select_initial_set(trained.init())
-    assert not (trained.out / "init" / "stage.json").exists()
+    assert stage_status(trained.out / "init") == "running"
     assert read_metadata(trained.out / "init" / init_mod.PARTIAL_FILE)["experts"][0][0] == "expert_0000.safetensors"
     calls.clear()
     monkeypatch.setattr(init_mod, "per_example_loss", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -113,9 +114,10 @@ def test_scoring_resumes_after_interrupt(trained, monkeypatch):
     assert not (trained.out / "init" / init_mod.PARTIAL_FILE).exists()
     (trained.out / "init" / "stage.json").unlink()
     fresh = select_initial_set(trained.init())
-    assert resumed["summary"]["sets"]["high_loss"]["mean_loss_selected"] == pytest.approx(
-        fresh["summary"]["sets"]["high_loss"]["mean_loss_selected"], abs=1e-7)
-    assert select_initial_set(trained.init())["skipped"]
+    assert resumed.status == "resumed"
+    assert resumed.summary["sets"]["high_loss"]["mean_loss_selected"] == pytest.approx(
+        fresh.summary["sets"]["high_loss"]["mean_loss_selected"], abs=1e-7)
+    assert select_initial_set(trained.init()).status == "reused"
 
 
 def _rewrite_expert(path: Path, params: torch.Tensor, allow_nonfinite: bool = False) -> None:
@@ -159,8 +161,9 @@ def test_experts_of_other_data_are_refused(trained):
 
 
 def test_unfinished_experts_stage_is_refused(trained):
-    (trained.out / "experts" / "stage.json").unlink()
-    with pytest.raises(MkdtError, match="experts stage has not finished"):
+    record = trained.out / "experts" / "stage.json"
+    record.write_text(record.read_text().replace('"status": "done"', '"status": "running"'))
+    with pytest.raises(MkdtError, match="experts stage there has not finished"):
         select_initial_set(trained.init())
 
 

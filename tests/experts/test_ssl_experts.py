@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mkdt.config import from_dict
+from mkdt.config import from_dict, resolve, validate
 from mkdt.data import load_dataset
-from mkdt.errors import MkdtError
+from mkdt.errors import ConfigError, MkdtError
 from mkdt.experts import ExpertsConfig, train_experts
 from mkdt.ssl.student import SslExpertSettings, build_student
 from mkdt.experts.trajectories import init_seed, order_seed
@@ -54,7 +54,7 @@ def test_kd_is_the_default_and_trains_exactly_as_before(run):
 def test_ssl_experts_train_backbone_and_projector_without_targets(tmp_path: Path, run):
     out = tmp_path / "no-targets"  # no targets/ folder: SSL experts never read them
     result = train_experts(ssl_config(run, out))
-    assert result["summary"]["experts"] == 2
+    assert result.summary["experts"] == 2
     for traj in trajectories(out, 2):
         meta = traj.meta
         assert meta["objective"] == "ssl" and meta["ssl"]["objective"]["projector_out"] == 16
@@ -70,7 +70,7 @@ def test_ssl_experts_train_backbone_and_projector_without_targets(tmp_path: Path
         backbone = sum(s for n, s in zip(traj.layout.names, traj.layout.sizes) if n.startswith("backbone."))
         assert not torch.equal(traj.params[0][:backbone], traj.params[-1][:backbone])
     again = train_experts(ssl_config(run, out))
-    assert again["skipped"]
+    assert again.status == "reused"
 
 
 def test_ssl_experts_are_deterministic_by_seed(tmp_path: Path, run):
@@ -87,17 +87,21 @@ def test_ssl_experts_are_deterministic_by_seed(tmp_path: Path, run):
 
 def test_ssl_and_kd_experts_are_never_mixed_in_one_folder(run):
     train_experts(run.experts(num_experts=1))
-    with pytest.raises(MkdtError, match="other settings"):
-        train_experts(ssl_config(run, run.out, num_experts=1))
+    train_experts(ssl_config(run, run.out, num_experts=1))  # same folder, other objective
+    kept = load_trajectory(run.out / "experts.stale.1" / "expert_0000.safetensors")
+    now = load_trajectory(run.out / "experts" / "expert_0000.safetensors")
+    assert "objective" not in kept.meta and now.meta["objective"] == "ssl"
+    back = train_experts(run.experts(num_experts=1))  # the KD settings again: the kept experts come back
+    assert back.status == "restored" and "objective" not in load_trajectory(back.outputs["expert_0000"]).meta
 
 
 def test_ssl_settings_parse_from_a_document_and_bad_values_are_refused(run):
     doc = {"objective": "ssl", "ssl": {"objective": {"projector_out": 8}, "augment": {"flip_p": 0.0}}}
     config = from_dict(ExpertsConfig, doc)
     assert config.ssl.objective.projector_out == 8 and config.ssl.augment.flip_p == 0.0
-    with pytest.raises(MkdtError, match="'objective' must be kd or ssl"):
-        run.experts(objective="barlow")
-    with pytest.raises(MkdtError, match="batch_students"):
-        ssl_config(run, run.out, batch_students=2)
-    with pytest.raises(MkdtError, match="flip_p"):
-        from_dict(ExpertsConfig, {"objective": "ssl", "ssl": {"augment": {"flip_p": 2.0}}})
+    with pytest.raises(ConfigError, match="experts.objective must be kd or ssl"):
+        validate(run.experts(objective="barlow"), "experts.")
+    with pytest.raises(ConfigError, match="experts.batch_students must be 1 with objective ssl"):
+        validate(ssl_config(run, run.out, batch_students=2), "experts.")
+    with pytest.raises(ConfigError, match="experts.ssl.augment.flip_p"):
+        resolve(ExpertsConfig, section="experts", values={"objective": "ssl", "ssl": {"augment": {"flip_p": 2.0}}})

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import shutil
+
 import pytest
+from helpers import stage_status
 import torch
 
 from mkdt.artifacts import load_json, read_metadata
-from mkdt.errors import MkdtError
+from mkdt.errors import ConfigError, MkdtError
 from mkdt.experts import train_expert_range, train_experts
 from mkdt.experts import trajectories as traj_mod
 from mkdt.formats import load_trajectory, save_targets
@@ -36,12 +39,12 @@ def test_experts_are_stored_per_epoch_as_copies_with_metadata(run):
     student = build_model(ModelConfig(**meta["model"]), in_channels=1, resolution=8, head_dim=meta["head_dim"])
     assert traj.layout == ParamLayout.of(student)
     assert (run.out / "experts" / "stage.json").is_file() and (run.out / "experts" / "config.yaml").is_file()
-    assert result["summary"]["experts"] == 3 and result["summary"]["trained_now"] == 3
+    assert result.summary["experts"] == 3 and result.summary["trained_now"] == 3
     log = (run.out / "experts" / "log.jsonl").read_text().splitlines()
     assert len(log) == 3 * (2 + 1)
     # re-running the finished stage is a no-op returning the recorded result
     again = train_experts(run.experts())
-    assert again["skipped"] and again["summary"] == result["summary"]
+    assert again.status == "reused" and again.summary == result.summary
     assert len((run.out / "experts" / "log.jsonl").read_text().splitlines()) == len(log)
 
 
@@ -62,7 +65,7 @@ def test_batched_students_equal_one_by_one(run):
     sequential = params_of(run.out, 3)
     batched = run.clone("batched")
     result = train_experts(run.experts(out=str(batched), batch_students=2))
-    assert result["summary"]["batch_students"] == 2
+    assert result.summary["batch_students"] == 2
     for a, b in zip(sequential, params_of(batched, 3)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     meta = read_metadata(batched / "experts" / "expert_0002.safetensors")
@@ -87,7 +90,7 @@ def test_keep_epochs_stores_and_trains_only_what_is_needed(run):
     result = train_experts(run.experts(epochs=5, keep_epochs=2, num_experts=1))
     traj = load_trajectory(run.out / "experts" / "expert_0000.safetensors")
     assert traj.epochs == [0, 1, 2]
-    summary = result["summary"]
+    summary = result.summary
     assert summary["stopped_early"] and summary["trained_epochs"] == 2 and summary["epochs_configured"] == 5
     assert "keep_epochs=2" in summary["note"]
     assert load_json(run.out / "experts" / "stage.json")["summary"]["stored_epochs"] == [0, 1, 2]
@@ -106,10 +109,10 @@ def test_resume_after_interrupt_trains_only_the_rest(run):
         train_experts(run.experts(), callback=_interrupt_after_first)
     assert (run.out / "experts" / "expert_0000.safetensors").is_file()
     assert not (run.out / "experts" / "expert_0001.safetensors").exists()
-    assert not (run.out / "experts" / "stage.json").exists()
+    assert stage_status(run.out / "experts") == "running"
     trained = []
     result = train_experts(run.experts(), callback=lambda r: trained.append(r["expert"]))
-    assert trained == [1, 2] and result["summary"]["resumed_finished"] == 1
+    assert trained == [1, 2] and result.summary["resumed_finished"] == 1
     clean = run.clone("clean")
     train_experts(run.experts(out=str(clean)))
     assert all(torch.equal(a, b) for a, b in zip(params_of(run.out, 3), params_of(clean, 3)))
@@ -145,8 +148,7 @@ def test_broken_expert_file_is_retrained(run):
     good = params_of(run.out, 2)
     path = run.out / "experts" / "expert_0001.safetensors"
     path.unlink()  # replace, not truncate: live tensors may map the old file
-    path.write_bytes(b"not a safetensors file")
-    (run.out / "experts" / "stage.json").unlink()
+    path.write_bytes(b"not a safetensors file")  # the recorded size no longer matches: the stage runs again
     trained = []
     train_experts(run.experts(num_experts=2), callback=lambda r: trained.append(r["expert"]))
     assert trained == [1] and torch.equal(params_of(run.out, 2)[1], good[1])
@@ -162,12 +164,18 @@ def test_targets_of_other_data_are_refused(run, digits):
 
 
 @pytest.mark.parametrize("change", [{"lr": 0.05}, {"model": ModelConfig(width=4, depth=1)}, {"seed": 3}])
-def test_changed_settings_are_refused_instead_of_mixing_experts(run, change):
+def test_changed_settings_never_mix_experts(run, change):
+    """Other settings: the finished experts are kept aside (experts.stale.1), never mixed with new ones; a
+    folder of hand-placed expert files is checked file by file."""
     train_experts(run.experts(num_experts=1))
     before = params_of(run.out, 1)[0]
+    train_experts(run.experts(num_experts=2, **change))
+    assert torch.equal(load_trajectory(run.out / "experts.stale.1" / "expert_0000.safetensors").params, before)
+    assert not torch.equal(params_of(run.out, 1)[0], before)
+    hand = run.clone("hand")  # expert files placed by hand, without a record, are checked file by file
+    shutil.copytree(run.out / "experts", hand / "experts", ignore=shutil.ignore_patterns("stage.json"))
     with pytest.raises(MkdtError, match="expert_0000.safetensors.*other settings"):
-        train_experts(run.experts(num_experts=2, **change))
-    assert torch.equal(params_of(run.out, 1)[0], before)  # nothing overwritten
+        train_experts(run.experts(num_experts=2, out=str(hand)))
 
 
 def test_batchnorm_student_cannot_be_batched(run):
@@ -178,5 +186,19 @@ def test_batchnorm_student_cannot_be_batched(run):
 @pytest.mark.parametrize("key,value", [("num_experts", 0), ("keep_epochs", 0), ("batch_students", 0),
                                        ("batched_impl", "magic"), ("lr", 0.0)])
 def test_bad_config_values_are_refused(run, key, value):
-    with pytest.raises(MkdtError, match=key):
-        run.experts(**{key: value})
+    with pytest.raises(ConfigError, match=key):
+        train_experts(run.experts(**{key: value}))
+    assert not (run.out / "experts").exists()
+
+
+def test_raising_num_experts_trains_only_the_new_ones(run):
+    first = train_experts(run.experts(num_experts=2))
+    before = params_of(run.out, 2)
+    trained = []
+    more = train_experts(run.experts(num_experts=3), callback=lambda r: trained.append(r["expert"]))
+    assert more.status == "extended" and trained == [2] and len(more.outputs) == 3
+    assert all(torch.equal(a, b) for a, b in zip(before, params_of(run.out, 2)))
+    assert not list(run.out.glob("experts.stale.*"))  # nothing was moved aside
+    fewer = train_experts(run.experts(num_experts=2))  # shrinking keeps the files, records the first two
+    assert fewer.status == "extended" and len(fewer.outputs) == 2 and first.summary["experts"] == 2
+    assert (run.out / "experts" / "expert_0002.safetensors").is_file()

@@ -1,4 +1,4 @@
-"""The SSL losses against hand-written formulas, and the projector shapes REFERENCE asks for."""
+"""The SSL losses against hand-written formulas, and the projector shapes the paper's recipe asks for."""
 
 import math
 

@@ -4,6 +4,7 @@ import json
 import warnings
 
 import pytest
+from helpers import stage_status
 import torch
 
 from mkdt.artifacts import load_tensors, read_metadata
@@ -39,14 +40,14 @@ def teacher_tensors(out):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    result = train_teacher(teacher_cfg(out), progress=False)
+    result = train_teacher(teacher_cfg(out))
     return out, result
 
 
 def test_teacher_written_with_metadata_and_log(trained):
     out, result = trained
     path = out / "teacher" / "teacher.safetensors"
-    assert (out / "teacher" / "stage.json").is_file()
+    assert stage_status(out / "teacher") == "done"
     assert not (out / "teacher" / "checkpoint.safetensors").exists()
     meta = read_metadata(path)
     data = load_dataset(data_cfg())
@@ -58,14 +59,14 @@ def test_teacher_written_with_metadata_and_log(trained):
     log = [json.loads(line) for line in (out / "teacher" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1]
     assert 0.0 <= log[1]["knn"] <= 1.0 and log[1]["loss"] > 0
-    assert result["summary"]["knn"] == log[1]["knn"]
+    assert result.summary["knn"] == log[1]["knn"]
 
 
 def test_rerun_is_a_noop(trained):
     out, result = trained
     stamp = (out / "teacher" / "teacher.safetensors").stat().st_mtime_ns
-    again = train_teacher(teacher_cfg(out), progress=False)
-    assert again["summary"] == result["summary"]
+    again = train_teacher(teacher_cfg(out))
+    assert again.status == "reused" and again.summary == result.summary
     assert (out / "teacher" / "teacher.safetensors").stat().st_mtime_ns == stamp
 
 
@@ -75,7 +76,7 @@ def test_targets_written_and_refused_for_other_data(trained):
     path = out / "targets" / "targets.safetensors"
     data = load_dataset(data_cfg())
     targets = load_targets(path, fingerprint=data.fingerprint(), count=len(SUBSET))
-    assert targets.values.shape == (len(SUBSET), 128) and result["summary"]["dim"] == 128
+    assert targets.values.shape == (len(SUBSET), 128) and result.summary["dim"] == 128
     model, _ = load_teacher(out / "teacher" / "teacher.safetensors")
     with torch.no_grad():
         direct = model.features(data.normalize(data.images[:5]))
@@ -121,18 +122,18 @@ def test_load_teacher_checks_sha256(trained, tmp_path):
 
 
 def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path):
-    train_teacher(teacher_cfg(tmp_path / "full", epochs=2, monitor=False), progress=False)
+    train_teacher(teacher_cfg(tmp_path / "full", epochs=2, monitor=False))
 
     def stop_after_first(epoch, record):
         raise KeyboardInterrupt
 
     cfg = teacher_cfg(tmp_path / "resumed", epochs=2, monitor=False)
     with pytest.raises(KeyboardInterrupt):
-        train_teacher(cfg, on_epoch_end=stop_after_first, progress=False)
+        train_teacher(cfg, on_epoch_end=stop_after_first)
     assert (tmp_path / "resumed" / "teacher" / "checkpoint.safetensors").is_file()
-    assert not (tmp_path / "resumed" / "teacher" / "stage.json").exists()
+    assert stage_status(tmp_path / "resumed" / "teacher") == "running"
     seen = []
-    train_teacher(cfg, on_epoch_end=lambda e, r: seen.append(e), progress=False)
+    train_teacher(cfg, on_epoch_end=lambda e, r: seen.append(e))
     assert seen == [2]
     full, resumed = teacher_tensors(tmp_path / "full"), teacher_tensors(tmp_path / "resumed")
     assert full.keys() == resumed.keys()
@@ -141,8 +142,8 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path):
 
 def test_same_seed_same_teacher_other_seed_other(trained, tmp_path):
     out, _ = trained  # seed 0, with the kNN monitor (which must not touch the weights)
-    train_teacher(teacher_cfg(tmp_path / "same", seed=0, monitor=False), progress=False)
-    train_teacher(teacher_cfg(tmp_path / "other", seed=1, monitor=False), progress=False)
+    train_teacher(teacher_cfg(tmp_path / "same", seed=0, monitor=False))
+    train_teacher(teacher_cfg(tmp_path / "other", seed=1, monitor=False))
     a, b, c = teacher_tensors(out), teacher_tensors(tmp_path / "same"), teacher_tensors(tmp_path / "other")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)

@@ -98,7 +98,7 @@ def one_process(config: Path, out: Path) -> TeacherConfig:
 
 def test_two_processes_train_the_one_process_teacher_and_only_rank0_writes(torchrun, tmp_path):
     config = config_file(tmp_path)
-    single = train_teacher(one_process(config, tmp_path / "one"), progress=False)
+    single = train_teacher(one_process(config, tmp_path / "one"))
 
     launch(torchrun, tmp_path, config, tmp_path / "two")
     stage = tmp_path / "two" / "teacher"
@@ -113,7 +113,7 @@ def test_two_processes_train_the_one_process_teacher_and_only_rank0_writes(torch
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
     assert abs(two[-1]["knn"] - one[-1]["knn"]) <= 0.01 and two[0]["knn"] == one[0]["knn"]
     assert not (stage / "checkpoint.safetensors").exists()
-    assert single["summary"]["knn"] == one[-1]["knn"]
+    assert single.summary["knn"] == one[-1]["knn"]
 
     rank0, rank1 = writes(tmp_path, 0), writes(tmp_path, 1)
     assert rank1 == []
@@ -123,13 +123,13 @@ def test_two_processes_train_the_one_process_teacher_and_only_rank0_writes(torch
 
 def test_two_processes_resume_a_one_process_checkpoint_simclr(torchrun, tmp_path):
     config = config_file(tmp_path, monitor=False, objective="simclr")
-    train_teacher(one_process(config, tmp_path / "one"), progress=False)
+    train_teacher(one_process(config, tmp_path / "one"))
 
     def stop_after_first(epoch, record):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_teacher(one_process(config, tmp_path / "two"), on_epoch_end=stop_after_first, progress=False)
+        train_teacher(one_process(config, tmp_path / "two"), on_epoch_end=stop_after_first)
     assert (tmp_path / "two" / "teacher" / "checkpoint.safetensors").is_file()
     launch(torchrun, tmp_path, config, tmp_path / "two")  # epoch 2 under DDP, from the one-process checkpoint
     assert_same_teacher(tmp_path / "one", tmp_path / "two")

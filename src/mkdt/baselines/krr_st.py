@@ -1,4 +1,4 @@
-"""``mkdt distill-krr-st``: the KRR-ST baseline (Lee et al., ICLR 2024), tuned to run on CIFAR-10 too.
+"""``mkdt krr-st``: the KRR-ST baseline (Lee et al., ICLR 2024), tuned to run on CIFAR-10 too.
 
 Learned: synthetic images X_s and their target representations Y_s (initialised from real images and
 their teacher targets). Each outer step takes one network from a pool of BatchNorm ConvNets, encodes
@@ -25,17 +25,19 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from mkdt.artifacts import StageDir, load_tensors, read_metadata, save_tensors
-from mkdt.baselines.common import JsonLog, input_path, load_source, random_indices, resolve_size
-from mkdt.config import StageConfig, to_dict
+from mkdt.artifacts import JsonLog, load_tensors, read_metadata, save_tensors
+from mkdt.config import StageConfig, require
 from mkdt.data import DataConfig
 from mkdt.data.imageset import ImageSet, normalize
+from mkdt.engine import Stage, StageResult, StageRun, run_stage
 from mkdt.errors import MkdtError
 from mkdt.formats import SyntheticSet, load_synthetic, save_synthetic
+from mkdt.inputs import load_source, random_indices, resolve_size
+from mkdt.layout import SET_FILE, RunLayout
 from mkdt.models import ModelConfig, build_model
-from mkdt.runtime import Meter, derive_seed, generator, resolve_device, seeded
+from mkdt.progress import Progress
+from mkdt.runtime import derive_seed, generator, seeded
 from mkdt.training import RegressionSchedule
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -49,33 +51,51 @@ def _krr_recipe() -> RegressionSchedule:
 class KrrStConfig(StageConfig):
     """KRR-ST settings; defaults are the reference CIFAR recipe (see the ``paper`` / ``cifar10-cpu`` presets)."""
 
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)  # the source set
     size: float = 0.02  # synthetic images: fraction (<1) of the source or a count
-    targets: str | None = None  # default <out>/targets/targets.safetensors
+    targets: str | None = None  # the teacher targets (default: the run's targets/targets.safetensors)
     init: str | None = None  # a synthetic-set file to start from; default a seeded random subset
     real_targets: str = "stored"  # stored: precomputed targets of the un-augmented images; teacher: encode
-    teacher: str | None = None  # for real_targets=teacher; default <out>/teacher/teacher.safetensors
-    widths: list[int] = dataclasses.field(default_factory=lambda: [128, 256, 512])
-    pool_size: int = 10
-    max_online_steps: int = 1000
-    online_lr: float = 0.1
-    online_momentum: float = 0.9
-    online_weight_decay: float = 1e-3
-    online_batch_size: int = 256
-    iterations: int = 160_000
-    lr: float = 1e-4
-    final_lr_factor: float = 1e-3
-    real_batch: int = 1024
-    crop_padding: int = 4
-    flip: bool = True
-    ridge: float = 1e-6
-    solve_dtype: str = "float64"
-    checkpoint_every: int = 1000
-    max_bad_steps: int = 10
-    log_every: int = 10
+    teacher: str | None = None  # for real_targets=teacher; default: the run's teacher/teacher.safetensors
+    widths: list[int] = dataclasses.field(default_factory=lambda: [128, 256, 512])  # the feature nets' widths
+    pool_size: int = 10  # networks in the pool
+    max_online_steps: int = 1000  # a pool member restarts after this many online steps
+    online_lr: float = 0.1  # SGD lr of the pool's online training
+    online_momentum: float = 0.9  # its momentum
+    online_weight_decay: float = 1e-3  # its weight decay
+    online_batch_size: int = 256  # its minibatch size
+    iterations: int = 160_000  # outer steps (the lr decays linearly over them)
+    lr: float = 1e-4  # AdamW lr of images and targets
+    final_lr_factor: float = 1e-3  # the lr decays to lr * final_lr_factor
+    real_batch: int = 1024  # real images per outer step
+    crop_padding: int = 4  # random-crop padding of the real batch
+    flip: bool = True  # random horizontal flips of the real batch
+    ridge: float = 1e-6  # ridge = this * trace(K_ss)
+    solve_dtype: str = "float64"  # float64 or float32 for the ridge solve
+    checkpoint_every: int = 1000  # outer steps between checkpoints
+    max_bad_steps: int = 10  # consecutive non-finite steps that stop the run
+    log_every: int = 10  # outer steps between log lines
     # Pre-training recipes recorded with the output so the evaluation can choose between them.
     krr_recipe: RegressionSchedule = dataclasses.field(default_factory=_krr_recipe)
     mkdt_recipe: RegressionSchedule = dataclasses.field(default_factory=RegressionSchedule)
+
+    def check(self) -> None:
+        require(self.real_targets in ("stored", "teacher"), "real_targets", "stored or teacher", self.real_targets)
+        require(self.solve_dtype in ("float64", "float32"), "solve_dtype", "float64 or float32", self.solve_dtype)
+        for key in ("pool_size", "max_online_steps", "iterations", "real_batch", "checkpoint_every",
+                    "max_bad_steps", "log_every", "online_batch_size"):
+            require(getattr(self, key) >= 1, key, "at least 1", getattr(self, key))
+        require(self.lr > 0, "lr", "positive", self.lr)
+        require(0 < self.final_lr_factor <= 1, "final_lr_factor", "in (0, 1]", self.final_lr_factor)
+        require(self.size > 0, "size", "a fraction (< 1) or a count (>= 1)", self.size)
+
+
+def targets_path(config: KrrStConfig) -> Path:
+    return Path(config.targets) if config.targets else RunLayout(config.out).targets
+
+
+def teacher_path(config: KrrStConfig) -> Path:
+    return Path(config.teacher) if config.teacher else RunLayout(config.out).teacher
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,12 +230,11 @@ class ModelPool:
         """Train every model for a random 1..max_online_steps-1 steps so the pool spans training stages."""
         high = max(2, self.config.max_online_steps)
         targets = torch.randint(1, high, (len(self.models),), generator=gen).tolist()
-        bar = tqdm(total=sum(targets), desc="krr-st pool warm-up", disable=None, leave=False)
-        for i, n in enumerate(targets):
-            for _ in range(n):
-                self.online_step(i, x_syn, y_syn, gen)
-                bar.update(1)
-        bar.close()
+        with Progress(sum(targets), "krr-st pool warm-up", unit="step") as bar:
+            for i, n in enumerate(targets):
+                for _ in range(n):
+                    self.online_step(i, x_syn, y_syn, gen)
+                    bar.update(1)
 
     # -- checkpointing ---------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -258,29 +277,20 @@ class _State:
     bad_run: int = 0
 
 
-def distill_krr_st(config: KrrStConfig) -> dict[str, Any]:
-    """Run KRR-ST; writes ``<out>/krr_st/distilled_<iterations>.safetensors``. Resumes from its checkpoint."""
-    _check(config)
-    cfg = to_dict(config)
-    stage = StageDir(Path(config.out, "krr_st"))
-    out_path = stage / f"distilled_{config.iterations}.safetensors"
-    if stage.is_done(cfg) and out_path.is_file():
-        return stage.record()["result"]
-    device = resolve_device(config.device)
+def _distill(config: KrrStConfig, run: StageRun) -> dict[str, Any]:
+    """Run KRR-ST; writes ``<out>/krr_st/distilled.safetensors``. Resumes from its checkpoint."""
+    device = run.device
     solve_dtype = {"float64": torch.float64, "float32": torch.float32}[config.solve_dtype]
-
-    with Meter() as meter:
-        data, targets = load_source(config.data, input_path(config.targets, config.out, "targets",
-                                                            "targets.safetensors"))
-        real_y = targets.values
-        teacher = _load_teacher(config, data, real_y, device) if config.real_targets == "teacher" else None
-        stage.ensure().invalidate()
-        stage.save_config(config)
-        state, resumed = _start(config, stage, data, real_y, device)
-        log = JsonLog(stage / "log.jsonl", fresh=not resumed)
-        first = state.iteration
-        bar = tqdm(total=config.iterations, initial=first, desc="krr-st", disable=None)
-        t0 = time.perf_counter()
+    data, targets = load_source(config.data, targets_path(config))
+    real_y = targets.values
+    teacher = _load_teacher(config, data, real_y, device) if config.real_targets == "teacher" else None
+    state, resumed = _start(config, run, data, real_y, device)
+    if resumed:
+        run.note(f"resumed from the checkpoint at iteration {state.iteration} of {config.iterations}")
+    log = JsonLog(run.path("log.jsonl"), fresh=not resumed)
+    first = state.iteration
+    t0 = time.perf_counter()
+    with run.progress(config.iterations, "krr-st", initial=first) as bar:
         while state.iteration < config.iterations:
             loss, i = _outer_step(config, state, data, real_y, teacher, device, solve_dtype)
             state.iteration += 1
@@ -288,44 +298,48 @@ def distill_krr_st(config: KrrStConfig) -> dict[str, Any]:
             if it % config.log_every == 0 or it == config.iterations or not math.isfinite(loss):
                 log.write(iteration=it, loss=loss, model=i, lr=state.optimizer.param_groups[0]["lr"],
                           model_steps=state.pool.steps[i], seconds=round(time.perf_counter() - t0, 3))
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4g}")
+            bar.update(1, loss=loss)
             if it % config.checkpoint_every == 0 and it < config.iterations:
-                _save_checkpoint(stage, cfg, state)
-        bar.close()
-        seconds_per_iteration = (time.perf_counter() - t0) / max(1, config.iterations - first)
-        synthetic = SyntheticSet(
-            images=state.x_syn.detach().cpu(), targets=state.y_syn.detach().cpu(), mean=data.mean, std=data.std,
-            lr=None, indices=state.indices,
-            meta={"kind": "distilled", "method": "krr_st", "iterations": config.iterations, "data_name": data.name,
-                  "fingerprint": data.fingerprint(), "seed": config.seed, "skipped_steps": state.bad_total,
-                  "recipes": {"krr_st": dataclasses.asdict(config.krr_recipe),
-                              "mkdt": dataclasses.asdict(config.mkdt_recipe)},
-                  "teacher": {k: v for k, v in targets.meta.items() if k != "fingerprint"}},
-        )
-        save_synthetic(out_path, synthetic)
+                _save_checkpoint(run, state)
+    seconds_per_iteration = (time.perf_counter() - t0) / max(1, config.iterations - first)
+    synthetic = SyntheticSet(
+        images=state.x_syn.detach().cpu(), targets=state.y_syn.detach().cpu(), mean=data.mean, std=data.std,
+        lr=None, indices=state.indices,
+        meta={"kind": "distilled", "method": "krr_st", "iterations": config.iterations, "data_name": data.name,
+              "fingerprint": data.fingerprint(), "seed": config.seed, "skipped_steps": state.bad_total,
+              "recipes": {"krr_st": dataclasses.asdict(config.krr_recipe),
+                          "mkdt": dataclasses.asdict(config.mkdt_recipe)},
+              "teacher": {k: v for k, v in targets.meta.items() if k != "fingerprint"}},
+    )
+    out_path = run.output("set", SET_FILE["krr_st"])
+    save_synthetic(out_path, synthetic)
     losses = [r["loss"] for r in log.read() if math.isfinite(r.get("loss", float("nan")))]
-    summary = {"images": len(synthetic), "iterations": config.iterations, "path": str(out_path),
-               "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-               "skipped_steps": state.bad_total, "seconds_per_iteration": round(seconds_per_iteration, 4),
-               "resumed_from": first, **meter.as_dict()}
-    result = {"summary": summary, "path": str(out_path), "stage": str(stage.path)}
-    stage.finish(cfg, file=out_path.name, result=result)  # file: what `mkdt run` hands to pre-training
-    (stage / CHECKPOINT).unlink(missing_ok=True)
-    return result
+    run.path(CHECKPOINT).unlink(missing_ok=True)
+    return {"images": len(synthetic), "iterations": config.iterations, "path": run.rel(out_path),
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "skipped_steps": state.bad_total, "seconds_per_iteration": round(seconds_per_iteration, 4),
+            "resumed_from": first}
 
 
-def _check(config: KrrStConfig) -> None:
-    if config.real_targets not in ("stored", "teacher"):
-        raise MkdtError(f"real_targets must be 'stored' or 'teacher', got '{config.real_targets}'")
-    if config.solve_dtype not in ("float64", "float32"):
-        raise MkdtError(f"solve_dtype must be float64 or float32, got '{config.solve_dtype}'")
-    for key in ("pool_size", "max_online_steps", "iterations", "real_batch", "checkpoint_every",
-                "max_bad_steps", "log_every", "online_batch_size"):
-        if getattr(config, key) < 1:
-            raise MkdtError(f"{key} must be at least 1, got {getattr(config, key)}")
-    if not config.lr > 0 or not 0 < config.final_lr_factor <= 1:
-        raise MkdtError(f"lr must be positive and final_lr_factor in (0, 1], got {config.lr}, {config.final_lr_factor}")
+def _inputs(config: KrrStConfig, layout: RunLayout) -> dict[str, Path | None]:
+    found: dict[str, Path | None] = {"targets": targets_path(config)}
+    if config.init:
+        found["init"] = Path(config.init)
+    if config.real_targets == "teacher":
+        found["teacher"] = teacher_path(config)
+    return found
+
+
+STAGE = Stage(
+    "krr-st", KrrStConfig, _distill, "distill with the KRR-ST baseline",
+    folder=lambda config, layout: layout.krr_st_dir, inputs=_inputs, input_fields=("targets", "init", "teacher"),
+    runtime=("checkpoint_every", "log_every", "max_bad_steps"),
+)
+
+
+def distill_krr_st(config: KrrStConfig) -> StageResult:
+    """``<out>/krr_st/distilled.safetensors``."""
+    return run_stage(STAGE, config)
 
 
 def _initial_set(config: KrrStConfig, data: ImageSet, real_y: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -355,23 +369,18 @@ def _new_state(config: KrrStConfig, data: ImageSet, real_y: torch.Tensor, device
     return _State(x_syn, y_syn, optimizer, pool, generator(derive_seed(config.seed, "krr_st", "stream")), indices)
 
 
-def _resume_key(cfg: dict) -> dict:
-    """The config fields that change the result (device and bookkeeping excluded)."""
-    return {k: v for k, v in cfg.items() if k not in ("device", "checkpoint_every", "log_every")}
-
-
-def _start(config: KrrStConfig, stage: StageDir, data: ImageSet, real_y: torch.Tensor,
+def _start(config: KrrStConfig, run: StageRun, data: ImageSet, real_y: torch.Tensor,
            device: torch.device) -> tuple[_State, bool]:
     state = _new_state(config, data, real_y, device)
-    path = stage / CHECKPOINT
+    path = run.path(CHECKPOINT)
     if path.is_file():
         meta = read_metadata(path)
-        if meta.get("resume_key") == _resume_key(to_dict(config)):
+        if meta.get("identity") == run.key:
             _load_checkpoint(path, meta, state, device)
             return state, True
         path.unlink()  # written for other settings: start afresh
     state.pool.warm_up(state.x_syn.detach(), state.y_syn.detach(), state.gen)
-    _save_checkpoint(stage, to_dict(config), state)
+    _save_checkpoint(run, state)
     return state, False
 
 
@@ -433,16 +442,16 @@ def _bad_step(config: KrrStConfig, state: _State, i: int) -> None:
                         f"is kept")
 
 
-def _save_checkpoint(stage: StageDir, cfg: dict, state: _State) -> None:
+def _save_checkpoint(run: StageRun, state: _State) -> None:
     tensors: dict[str, torch.Tensor] = {"x_syn": state.x_syn.detach(), "y_syn": state.y_syn.detach(),
                                         "indices": state.indices, "generator": state.gen.get_state()}
     for k, p in enumerate((state.x_syn, state.y_syn)):
         for name, value in state.optimizer.state.get(p, {}).items():
             tensors[f"adam.{k}.{name}"] = torch.as_tensor(value)
     tensors.update(state.pool.state_tensors())
-    meta = {"resume_key": _resume_key(cfg), "iteration": state.iteration, "bad_total": state.bad_total,
+    meta = {"identity": run.key, "iteration": state.iteration, "bad_total": state.bad_total,
             "bad_run": state.bad_run, "pool_steps": state.pool.steps, "pool_generations": state.pool.generations}
-    save_tensors(stage / CHECKPOINT, tensors, meta)
+    save_tensors(run.path(CHECKPOINT), tensors, meta)
 
 
 def _load_checkpoint(path: Path, meta: dict, state: _State, device: torch.device) -> None:
@@ -468,7 +477,7 @@ def _load_checkpoint(path: Path, meta: dict, state: _State, device: torch.device
 
 def _load_teacher(config: KrrStConfig, data: ImageSet, real_y: torch.Tensor, device: torch.device) -> nn.Module:
     """The teacher backbone (eval mode) to encode augmented real batches; ``norm_stats`` = its mean/std."""
-    path = input_path(config.teacher, config.out, "teacher", "teacher.safetensors")
+    path = teacher_path(config)
     if not path.is_file():
         raise MkdtError(f"{path}: teacher not found; train/import it (`mkdt teacher`) or use real_targets=stored")
     meta = read_metadata(path)

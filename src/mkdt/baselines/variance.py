@@ -26,16 +26,17 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from mkdt.artifacts import StageDir, atomic_path, load_tensors, read_metadata, save_json, save_tensors
-from mkdt.baselines.common import JsonLog, input_path, load_source, random_indices
-from mkdt.config import StageConfig, to_dict
+from mkdt.artifacts import JsonLog, atomic_path, load_tensors, read_metadata, save_json, save_tensors
+from mkdt.config import StageConfig, require, to_dict
 from mkdt.data import DataConfig
+from mkdt.engine import Stage, StageResult, StageRun, run_stage
 from mkdt.errors import MkdtError
+from mkdt.inputs import load_source, random_indices
+from mkdt.layout import RunLayout
 from mkdt.models import ModelConfig, build_model
 from mkdt.models.functional import flat_parameters
-from mkdt.runtime import Meter, derive_seed, generator, resolve_device, seeded
+from mkdt.runtime import derive_seed, generator, seeded
 from mkdt.ssl.augment import AugmentConfig, BatchAugment
 from mkdt.ssl.objectives import ObjectiveConfig, build_loss, build_projector
 from mkdt.training import batch_order
@@ -48,11 +49,16 @@ UNITS = ("epochs", "iterations")
 class OptimConfig:
     """One objective's optimiser: ``sgd`` (with momentum) or ``adam``; weight decay is coupled (L2)."""
 
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    batch_size: int = 256
+    optimizer: str = "sgd"  # sgd or adam
+    lr: float = 0.01  # learning rate
+    momentum: float = 0.0  # SGD momentum
+    weight_decay: float = 0.0  # L2 weight decay
+    batch_size: int = 256  # minibatch size
+
+    def check(self) -> None:
+        require(self.optimizer in ("sgd", "adam"), "optimizer", "sgd or adam", self.optimizer)
+        require(self.lr > 0, "lr", "positive", self.lr)
+        require(self.batch_size >= 2, "batch_size", "at least 2", self.batch_size)
 
 
 def _kd_optim() -> OptimConfig:  # the paper's Figure 1 supervised run (appendix A.2)
@@ -71,18 +77,32 @@ def _student() -> ModelConfig:
 class VarianceConfig(StageConfig):
     """Trajectory-variance analysis; lengths are in ``unit`` (epochs or iterations)."""
 
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    targets: str | None = None  # default <out>/targets/targets.safetensors
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)  # the source set
+    targets: str | None = None  # the teacher targets (default: the run's targets/targets.safetensors)
     max_images: int | None = None  # a seeded random subset of the source, to bound the cost
-    model: ModelConfig = dataclasses.field(default_factory=_student)
-    objectives: list[str] = dataclasses.field(default_factory=lambda: list(OBJECTIVES))
-    num_trajectories: int = 5
-    lengths: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 5])
-    unit: str = "epochs"
-    kd: OptimConfig = dataclasses.field(default_factory=_kd_optim)
-    ssl: OptimConfig = dataclasses.field(default_factory=_ssl_optim)
-    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
-    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+    model: ModelConfig = dataclasses.field(default_factory=_student)  # the student
+    objectives: list[str] = dataclasses.field(default_factory=lambda: list(OBJECTIVES))  # kd and/or ssl
+    num_trajectories: int = 5  # trajectories per objective (from one init, different minibatch orders)
+    lengths: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 5])  # where the spread is measured
+    unit: str = "epochs"  # unit of lengths: epochs or iterations
+    kd: OptimConfig = dataclasses.field(default_factory=_kd_optim)  # the KD run's optimiser
+    ssl: OptimConfig = dataclasses.field(default_factory=_ssl_optim)  # the SSL run's optimiser
+    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)  # the SSL loss
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)  # the SSL views
+
+    def check(self) -> None:
+        require(self.unit in UNITS, "unit", f"one of {', '.join(UNITS)}", self.unit)
+        require(self.objectives and all(o in OBJECTIVES for o in self.objectives), "objectives",
+                f"a non-empty list of {', '.join(OBJECTIVES)}", self.objectives)
+        require(self.num_trajectories >= 2, "num_trajectories", "at least 2 (to measure a variance)",
+                self.num_trajectories)
+        require(self.lengths and min(self.lengths) >= 1 and sorted(set(self.lengths)) == list(self.lengths),
+                "lengths", "increasing positive integers", self.lengths)
+        require(self.max_images is None or self.max_images >= 2, "max_images", "at least 2 or null", self.max_images)
+
+
+def targets_path(config: VarianceConfig) -> Path:
+    return Path(config.targets) if config.targets else RunLayout(config.out).targets
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,67 +212,49 @@ def _encoder_flat(model: nn.Module) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # the stage
 # ----------------------------------------------------------------------------------------------
-def analyze_variance(config: VarianceConfig) -> dict[str, Any]:
-    """Train the trajectories (resuming finished ones), write ``variance.json`` and ``variance.png``."""
-    _check(config)
-    cfg = to_dict(config)
-    stage = StageDir(Path(config.out, "variance"))
-    if stage.is_done(cfg) and (stage / "variance.json").is_file():
-        return stage.record()["result"]
-    device = resolve_device(config.device)
-    with Meter() as meter:
-        data, targets = load_source(config.data, input_path(config.targets, config.out, "targets",
-                                                            "targets.safetensors"))
-        stage.ensure().invalidate()
-        stage.save_config(config)
-        values = targets.values
-        if config.max_images and config.max_images < len(data):
-            keep = random_indices(len(data), config.max_images,
-                                  generator(derive_seed(config.seed, "variance", "images")))
-            data, values = data.subset(keep), values[keep]
-        inputs = _Inputs(data.images.to(device), data.normalize().to(device), values.to(device),
-                         BatchAugment(config.augment, data.mean, data.std))
-        with seeded(derive_seed(config.seed, "variance", "student")):
-            student = build_model(config.model, in_channels=data.channels, resolution=data.resolution,
-                                  head_dim=values.shape[1]).to(device)
-        init_encoder = _encoder_flat(student)
-        log = JsonLog(stage / "log.jsonl")
-        results: dict[str, Any] = {}
-        for objective in config.objectives:
-            stops = _stops(config, objective, len(data))
-            runs = [_trajectory(config, stage, objective, k, student, inputs, stops, device, log)
-                    for k in range(config.num_trajectories)]
-            results[objective] = _summarise(config, objective, runs, init_encoder, stops)
+def _analyze(config: VarianceConfig, run: StageRun) -> dict[str, Any]:
+    """Train the trajectories (keeping finished ones), write ``variance.json`` and ``variance.png``."""
+    device = run.device
+    data, targets = load_source(config.data, targets_path(config))
+    values = targets.values
+    if config.max_images and config.max_images < len(data):
+        keep = random_indices(len(data), config.max_images, generator(derive_seed(config.seed, "variance", "images")))
+        data, values = data.subset(keep), values[keep]
+    inputs = _Inputs(data.images.to(device), data.normalize().to(device), values.to(device),
+                     BatchAugment(config.augment, data.mean, data.std))
+    with seeded(derive_seed(config.seed, "variance", "student")):
+        student = build_model(config.model, in_channels=data.channels, resolution=data.resolution,
+                              head_dim=values.shape[1]).to(device)
+    init_encoder = _encoder_flat(student)
+    log = JsonLog(run.path("log.jsonl"))
+    results: dict[str, Any] = {}
+    for objective in config.objectives:
+        stops = _stops(config, objective, len(data))
+        runs = [_trajectory(config, run, objective, k, student, inputs, stops, device, log)
+                for k in range(config.num_trajectories)]
+        results[objective] = _summarise(config, objective, runs, init_encoder, stops)
     report = {"unit": config.unit, "lengths": list(config.lengths), "images": len(data), "data_name": data.name,
               "model": to_dict(config.model), "num_trajectories": config.num_trajectories,
-              "objectives": results, "teacher": {k: v for k, v in targets.meta.items() if k != "fingerprint"},
-              **meter.as_dict()}
-    save_json(stage / "variance.json", report)
-    _plot(report, stage / "variance.png")
-    summary = {o: {"variance": r["encoder"]["variance"], "normalized": r["encoder"]["normalized"]}
-               for o, r in results.items()}
+              "objectives": results, "teacher": {k: v for k, v in targets.meta.items() if k != "fingerprint"}}
+    save_json(run.output("report", "variance.json"), report)
+    _plot(report, run.output("plot", "variance.png"))
+    summary: dict[str, Any] = {o: {"variance": r["encoder"]["variance"], "normalized": r["encoder"]["normalized"]}
+                               for o, r in results.items()}
     summary["lengths"] = list(config.lengths)
     summary["unit"] = config.unit
-    result = {"summary": summary, "path": str(stage / "variance.json"), "plot": str(stage / "variance.png"),
-              "stage": str(stage.path)}
-    stage.finish(cfg, result=result)
-    return result
+    return summary
 
 
-def _check(config: VarianceConfig) -> None:
-    if config.unit not in UNITS:
-        raise MkdtError(f"unit must be one of {', '.join(UNITS)}, got '{config.unit}'")
-    bad = [o for o in config.objectives if o not in OBJECTIVES]
-    if bad or not config.objectives:
-        raise MkdtError(f"objectives must be a non-empty list of {', '.join(OBJECTIVES)}, got {config.objectives}")
-    if config.num_trajectories < 2:
-        raise MkdtError(f"num_trajectories must be at least 2 to measure a variance, got {config.num_trajectories}")
-    if not config.lengths or min(config.lengths) < 1 or sorted(set(config.lengths)) != list(config.lengths):
-        raise MkdtError(f"lengths must be increasing positive integers, got {config.lengths}")
-    for name in ("kd", "ssl"):
-        o: OptimConfig = getattr(config, name)
-        if o.optimizer not in ("sgd", "adam") or not o.lr > 0 or o.batch_size < 2:
-            raise MkdtError(f"{name}: optimizer must be sgd/adam with lr > 0 and batch_size >= 2, got {o}")
+STAGE = Stage(
+    "variance", VarianceConfig, _analyze, "trajectory variance of KD vs SSL training (the paper's Figure 1)",
+    folder=lambda config, layout: layout.variance_dir,
+    inputs=lambda config, layout: {"targets": targets_path(config)}, input_fields=("targets",),
+)
+
+
+def analyze_variance(config: VarianceConfig) -> StageResult:
+    """``<out>/variance/variance.json`` and ``variance.png``."""
+    return run_stage(STAGE, config)
 
 
 def _stops(config: VarianceConfig, objective: str, n: int) -> list[int]:
@@ -264,10 +266,10 @@ def _stops(config: VarianceConfig, objective: str, n: int) -> list[int]:
     return [length * per_epoch for length in config.lengths]
 
 
-def _trajectory(config: VarianceConfig, stage: StageDir, objective: str, k: int, student: nn.Module,
+def _trajectory(config: VarianceConfig, run: StageRun, objective: str, k: int, student: nn.Module,
                 inputs: _Inputs, stops: list[int], device: torch.device, log: JsonLog) -> dict[str, Any]:
     """Run (or load, if already on disk for these settings) trajectory ``k`` of ``objective``."""
-    path = stage / f"{objective}_{k:03d}.safetensors"
+    path = run.path(f"{objective}_{k:03d}.safetensors")
     key = _resume_key(config, objective)
     if path.is_file() and read_metadata(path).get("resume_key") == key:
         tensors = load_tensors(path)
@@ -285,11 +287,10 @@ def _trajectory(config: VarianceConfig, stage: StageDir, objective: str, k: int,
         loss_fn = build_loss(config.objective)
     init_extra = flat_parameters(extra).cpu()
     gen = generator(derive_seed(config.seed, "variance", objective, k))
-    bar = tqdm(total=max(stops), desc=f"{objective} trajectory {k}", disable=None, leave=False)
     t0 = time.perf_counter()
-    encoder, extra_snaps, losses = run_trajectory(objective, model, extra, inputs, getattr(config, objective), stops,
-                                                  gen, loss_fn, progress=lambda it, loss: bar.update(1))
-    bar.close()
+    with run.progress(max(stops), f"variance {objective} trajectory {k}") as bar:
+        encoder, extra_snaps, losses = run_trajectory(objective, model, extra, inputs, getattr(config, objective),
+                                                      stops, gen, loss_fn, progress=lambda it, loss: bar.update(1))
     seconds = round(time.perf_counter() - t0, 3)
     save_tensors(path, {"encoder": encoder, "extra": extra_snaps, "init_extra": init_extra},
                  {"resume_key": key, "losses": losses, "stops": stops, "seconds": seconds})

@@ -175,7 +175,9 @@ def fetch_split(source: Source, cfg: "DataConfig", split: str) -> SplitData:
     hit = wanted.read() if wanted is not None else None
     if hit is not None:
         return hit
-    log.info("decoding %s:%s from %s", source.name, split, path)
+    # worth a line only when there is something to decode from (an embedded set takes no time)
+    (log.info if path is not None else log.debug)("decoding %s:%s from %s (once; cached afterwards)",
+                                                  source.name, split, path)
     with warnings.catch_warnings():
         # torchvision 0.29 deprecates its image codecs (for TorchCodec) with one warning per image.
         warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, TypeVar
 
@@ -19,7 +18,8 @@ from mkdt.data.cache import fetch_split
 from mkdt.data.imageset import ImageSet
 from mkdt.data.sources import BUILTIN_MODULES
 from mkdt.data.sources.base import Decoded, Source
-from mkdt.errors import MkdtError
+from mkdt.config import require, validate
+from mkdt.errors import ConfigError, MkdtError
 
 T = TypeVar("T")
 
@@ -127,47 +127,33 @@ class DataConfig:
     indices: list[int] | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name.strip():
-            raise MkdtError(f"data.name must be a source name, got {self.name!r}; available: "
-                            f"{', '.join(available_sources())}")
+        # plain types for paths and index lists given as Path objects or tensors (no value is changed)
         self.root = None if self.root is None else str(self.root)
         self.cache_dir = None if self.cache_dir is None else str(self.cache_dir)
-        if not isinstance(self.split, str) or not self.split:
-            raise MkdtError(f"data.split must be a split name such as 'train', got {self.split!r}")
-        self.resolution = _optional_int(self.resolution, "data.resolution", (1, None))
-        self.channels = _optional_int(self.channels, "data.channels", (1, 3))
-        if self.channels == 2:
-            raise MkdtError("data.channels must be 1 or 3, got 2")
-        if not isinstance(self.download, bool):
-            raise MkdtError(f"data.download must be true or false, got {self.download!r}")
-        self.indices = _index_list(self.indices)
+        if isinstance(self.indices, torch.Tensor):
+            self.indices = self.indices.tolist()
+        for name in ("resolution", "channels"):
+            value = getattr(self, name)
+            if isinstance(value, float) and value.is_integer():
+                setattr(self, name, int(value))
+
+    def check(self) -> None:
+        require(isinstance(self.name, str) and _normal_name(self.name) in available_sources(), "name",
+                "a data source name", self.name, f"available: {', '.join(available_sources())}")
+        require(isinstance(self.split, str) and self.split, "split", "a split name such as 'train'", self.split)
+        require(_int_or_none(self.resolution, 1), "resolution", "an integer >= 1 or null", self.resolution)
+        require(_int_or_none(self.channels, 1, 3) and self.channels != 2, "channels", "1, 3 or null", self.channels)
+        require(isinstance(self.download, bool), "download", "true or false", self.download)
+        require(self.indices is None or (isinstance(self.indices, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in self.indices)), "indices",
+            "a list of integers or null", self.indices)
 
 
-def _optional_int(value: Any, field: str, bounds: tuple[int, int | None]) -> int | None:
+def _int_or_none(value: Any, low: int, high: int | None = None) -> bool:
     if value is None:
-        return None
-    ok = isinstance(value, int) and not isinstance(value, bool)
-    ok = ok or (isinstance(value, float) and math.isfinite(value) and value.is_integer())
-    low, high = bounds
-    if not ok or int(value) < low or (high is not None and int(value) > high):
-        allowed = f"an integer >= {low}" if high is None else f"an integer in {low}..{high}"
-        raise MkdtError(f"{field} must be {allowed} or null, got {value!r}")
-    return int(value)
-
-
-def _index_list(value: Any) -> list[int] | None:
-    if value is None:
-        return None
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise MkdtError(f"data.indices must be a list of integers, got {type(value).__name__}")
-    out = []
-    for v in value:
-        if isinstance(v, bool) or not hasattr(v, "__index__"):
-            raise MkdtError(f"data.indices must hold integers, got {v!r}")
-        out.append(int(v.__index__()))
-    return out
+        return True
+    return (isinstance(value, int) and not isinstance(value, bool) and value >= low
+            and (high is None or value <= high))
 
 
 def make_config(config_or_name: DataConfig | str | Mapping[str, Any] | None = None, **overrides: Any) -> DataConfig:
@@ -186,6 +172,7 @@ def make_config(config_or_name: DataConfig | str | Mapping[str, Any] | None = No
     if overrides:
         _check_fields(overrides)
         cfg = dataclasses.replace(cfg, **overrides)
+    validate(cfg, "data.")
     return cfg
 
 
@@ -193,7 +180,7 @@ def _check_fields(values: Mapping[str, Any]) -> None:
     known = [f.name for f in dataclasses.fields(DataConfig)]
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise MkdtError(f"unknown data setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        raise ConfigError(f"unknown data setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from mkdt.artifacts import read_metadata
+from mkdt.engine import recorded_outputs
 from mkdt.errors import MkdtError
 from mkdt.formats import load_trajectory
 from mkdt.models import ModelConfig
@@ -62,8 +63,11 @@ def _check_metadata(path: Path, meta: dict[str, Any], expect: dict[str, Any]) ->
 
 
 def expert_files(folder: Path) -> list[Path]:
-    """The folder's expert files in order; none is an error naming the folder and the fix."""
-    files = sorted(folder.glob(EXPERT_GLOB)) if folder.is_dir() else []
+    """The experts a finished experts stage recorded in ``folder`` (every ``expert_*`` file of a folder made
+    by hand), in order; none is an error naming the folder and the fix."""
+    files = recorded_outputs(folder, "expert_")
+    if files is None:
+        files = sorted(folder.glob(EXPERT_GLOB)) if folder.is_dir() else []
     if not files:
         raise MkdtError(f"{folder}: no {EXPERT_GLOB} files; run `mkdt experts` first or set experts_dir")
     return files

@@ -13,49 +13,46 @@ from pathlib import Path
 
 import torch
 
-from mkdt.artifacts import RunDir, atomic_path, atomic_write_bytes, load_json, save_json
-from mkdt.config import to_dict
+from mkdt.artifacts import atomic_path, atomic_write_bytes, save_json
 from mkdt.distill.config import ExportConfig
 from mkdt.distill.outputs import png_bytes, to_uint8
+from mkdt.engine import Stage, StageResult, StageRun, run_stage
 from mkdt.errors import MkdtError
 from mkdt.formats import SyntheticSet, load_synthetic
+from mkdt.layout import RunLayout
 
 
-def export_distilled(config: ExportConfig) -> dict:
-    """Export the distilled set named by ``<out>/distill/stage.json`` (or ``input``); returns a summary."""
-    config.check()
-    source = _input_path(config)
-    dest = Path(config.dest) if config.dest else Path(config.out) / "export"
-    stage = RunDir(config.out).stage("export")
-    record_config = {**to_dict(config), "resolved_input": str(source), "resolved_dest": str(dest)}
-    if stage.is_done(record_config):
-        record = stage.record() or {}
-        return {"summary": record.get("summary", {}), "stage": str(stage.path), "reused": True}
-    stage.invalidate()
-    stage.save_config(config)
+def input_path(config: ExportConfig) -> Path:
+    return Path(config.input) if config.input else RunLayout(config.out).distilled()
+
+
+def _export(config: ExportConfig, run: StageRun) -> dict:
+    source = input_path(config)
+    if not source.is_file():
+        raise MkdtError(f"{source}: distilled set not found; run `mkdt distill` first or set export.input to a "
+                        f"synthetic-set file")
     synthetic = load_synthetic(source)
     files: dict[str, object] = {}
     if config.format in ("pt", "both"):
-        files["pt"] = write_pt(dest, synthetic)
+        files["pt"] = write_pt(run.folder, synthetic)
+        for name in files["pt"]:
+            run.output(name, name)
     if config.format in ("png", "both"):
-        files["png"] = write_pngs(dest / "png", synthetic)
-    summary = {"input": str(source), "dest": str(dest), "images": len(synthetic), "lr": synthetic.lr, **files}
-    stage.finish(record_config, summary=summary)
-    return {"summary": summary, "stage": str(stage.path)}
+        files["png"] = write_pngs(run.folder / "png", synthetic)
+    return {"input": run.rel(source), "dest": str(run.folder), "images": len(synthetic), "lr": synthetic.lr,
+            **files}
 
 
-def _input_path(config: ExportConfig) -> Path:
-    if config.input:
-        path = Path(config.input)
-    else:
-        stage_json = Path(config.out) / "distill" / "stage.json"
-        if not stage_json.is_file():
-            raise MkdtError(f"{stage_json}: no finished distillation to export; run `mkdt distill` first or set "
-                            f"export.input to a synthetic-set file")
-        path = stage_json.parent / str(load_json(stage_json).get("file", ""))
-    if not path.is_file():
-        raise MkdtError(f"{path}: distilled set not found; run `mkdt distill` or set export.input")
-    return path
+STAGE = Stage(
+    "export", ExportConfig, _export, "export a distilled set to PNGs or the images.pt/labels.pt/lr.pt layout",
+    folder=lambda config, layout: Path(config.dest) if config.dest else layout.export_dir,
+    inputs=lambda config, layout: {"input": input_path(config)}, input_fields=("input", "dest"),
+)
+
+
+def export_distilled(config: ExportConfig) -> StageResult:
+    """Export the run's distilled set (or ``input``) to ``dest`` (default ``<out>/export``)."""
+    return run_stage(STAGE, config)
 
 
 def _torch_save(path: Path, tensor: torch.Tensor) -> None:

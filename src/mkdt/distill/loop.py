@@ -1,4 +1,4 @@
-"""``mkdt distill``: the outer loop of MKDT (REFERENCE.md section 1.5), with checkpoints and guards.
+"""``mkdt distill``: the outer loop of MKDT (paper, Algorithm 1), with checkpoints and guards.
 
 Each iteration draws an expert uniformly from ALL experts (but the last ``validation_experts``, held out:
 their matching loss is logged as ``val_loss`` at the start and at every checkpoint) and a start epoch t in
@@ -9,11 +9,12 @@ row stop the run. The learned lr is clamped to ``lr_min`` after each step: the a
 (and so the meaning of ``lr_lr``) is kept, and the clamp only acts in the pathological case where the
 lr would go to zero or below (a student that moves backwards).
 
-Launched by torchrun with W processes, distillation is data-parallel over trajectories: every rank
-holds the same images, targets and lr, draws the same W (expert, start epoch, minibatch plan) tuples
-from the shared generators and matches entry ``rank``; the loss, gradients and a non-finite flag are
-averaged in one all-reduce, so every rank applies the same update (or skips it). W = 1 draws exactly
-the one-process stream. Rank 0 alone decides about resuming and writes logs, checkpoints and outputs.
+Each update averages ``trajectories`` draws. Launched by torchrun with W processes (W dividing
+``trajectories``), distillation is data-parallel over them: every rank holds the same images, targets
+and lr, draws the same (expert, start epoch, minibatch plan) tuples from the shared generators and
+matches its share; the loss, gradients and a non-finite flag are averaged in one all-reduce, so every
+rank applies the same update (or skips it), and the result does not depend on W. Rank 0 alone writes
+logs, checkpoints and outputs.
 """
 
 from __future__ import annotations
@@ -26,29 +27,29 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from tqdm import tqdm
 
-from mkdt.artifacts import RunDir, StageDir, atomic_write_text, read_metadata
-from mkdt.config import to_dict
+from mkdt.artifacts import atomic_write_text, read_metadata
 from mkdt.distill import matching, memory
-from mkdt.distill.config import DistillConfig, memory_saving_mode, resume_key
+from mkdt.distill.config import DistillConfig
 from mkdt.distill.experts import ExpertBank
 from mkdt.distill.outputs import mean_abs_pixel_change, save_grid, save_loss_curve
-from mkdt.distill.state import CHECKPOINT, LEARNED, DistillState, read_checkpoint, tensor_digest
-from mkdt.distributed import (DistContext, all_reduce_mean, assert_in_sync, broadcast_object, init_distributed,
-                              progress_disabled, shard)
-from mkdt.errors import MkdtError
+from mkdt.distill.state import CHECKPOINT, LEARNED, DistillState, read_checkpoint
+from mkdt.distributed import (DistContext, all_reduce_mean, assert_in_sync, broadcast_object, shard)
+from mkdt.engine import Stage, StageResult, StageRun, run_stage
+from mkdt.errors import ConfigError, MkdtError
 from mkdt.formats import SyntheticSet, load_synthetic, save_synthetic
+from mkdt.layout import RunLayout, SET_FILE
 from mkdt.models import build_model
 from mkdt.models.functional import ParamLayout
-from mkdt.runtime import Meter, derive_seed, generator, seeded
+from mkdt.progress import Progress, log
+from mkdt.runtime import derive_seed, generator, seeded
 
 LOG = "log.jsonl"
 
 
 @dataclass
 class Setup:
-    """What a run reads once: the initial set, the student and its layout, the experts."""
+    """What a run reads once: the initial set, the student, its layout and inner objective, the experts."""
 
     init_path: Path
     initial: SyntheticSet
@@ -56,6 +57,7 @@ class Setup:
     layout: ParamLayout
     bank: ExpertBank
     device: torch.device
+    objective: matching.InnerObjective = matching.KD
 
 
 @dataclass
@@ -70,86 +72,55 @@ class Draw:
 # ----------------------------------------------------------------------------------------------
 # entry point
 # ----------------------------------------------------------------------------------------------
-def distill(config: DistillConfig, *, trajectories: int | None = None) -> dict:
-    """Run (or resume, or return the recorded result of) MKDT distillation; returns a summary.
-
-    ``trajectories``: trajectories matched per update, their gradients averaged (default: one per
-    process). Under torchrun with W processes each rank matches ``trajectories / W`` of them; one
-    process with ``trajectories=W`` computes the same updates as W processes (the tests compare them).
-    Every rank returns the same result.
-    """
-    config.check()
-    dctx = init_distributed(config.device)
-    per_update = _trajectories_per_update(trajectories, dctx)
-    cfg = to_dict(config)
-    stage = RunDir(config.out).stage("distill")
-    recorded = broadcast_object(_recorded(stage) if dctx.is_main and stage.is_done(cfg) else None, dctx)
-    if recorded is not None:
-        return recorded
-    if dctx.is_main:
-        stage.invalidate()
-        stage.save_config(config)
-    with Meter() as meter, _threads(config.threads):
-        setup = _setup(config, dctx.device)
-        state = _start_or_resume(config, setup, stage, dctx)
-        choice = _choose_path(config, setup, state) if dctx.is_main else None
-        use_memory_saving, estimate = broadcast_object(choice, dctx)
-        _run(config, setup, state, stage, use_memory_saving, dctx, per_update)
-        result = _write_outputs(config, setup, state, stage) if dctx.is_main else None
-    out = None
-    if dctx.is_main:
-        result.update(memory_saving=use_memory_saving, plain_path_estimate_gb=estimate,
-                      trajectories_per_update=per_update, world_size=dctx.world_size, **_measure(meter))
-        stage.finish(cfg, file=result["file"], summary=result)
-        out = {"summary": result, "stage": str(stage.path), "path": str(stage / result["file"])}
-    return broadcast_object(out, dctx)
+def init_path(config: DistillConfig) -> Path:
+    """``high_loss`` / ``random`` -> the run's ``init/<name>.safetensors``; anything else is a file path."""
+    if config.init in ("high_loss", "random"):
+        return RunLayout(config.out).init_set(config.init)
+    return Path(config.init)
 
 
-def _trajectories_per_update(trajectories: int | None, dctx: DistContext) -> int:
-    """Default one trajectory per process; otherwise a multiple of the number of processes."""
-    count = dctx.world_size if trajectories is None else int(trajectories)
-    if count < 1 or count % dctx.world_size:
-        raise MkdtError(f"distill: trajectories per update must be a positive multiple of the {dctx.world_size} "
-                        f"processes, got {trajectories}")
-    return count
+def experts_dir(config: DistillConfig) -> Path:
+    return Path(config.experts_dir) if config.experts_dir else RunLayout(config.out).experts_dir()
 
 
-@contextlib.contextmanager
-def _threads(threads: int | None) -> Iterator[None]:
-    """Use ``threads`` CPU threads inside the stage (on a shared machine 1 can beat 2: no barrier stalls)."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def _distill(config: DistillConfig, run: StageRun) -> dict[str, Any]:
+    """Run (or resume, or extend) MKDT distillation; returns the summary (rank 0)."""
+    dctx = run.dist
+    if config.trajectories % dctx.world_size:
+        raise ConfigError(f"distill.trajectories={config.trajectories} must be a multiple of the {dctx.world_size} "
+                          f"processes; run with a number of processes that divides it")
+    setup = _setup(config, dctx.device)
+    state = _start_or_resume(config, setup, run)
+    choice = _choose_path(config, setup, state) if dctx.is_main else None
+    use_memory_saving, estimate = broadcast_object(choice, dctx)
+    _run(config, setup, state, run, use_memory_saving)
+    if not dctx.is_main:
+        return {}
+    result = _write_outputs(config, setup, state, run)
+    result.update(memory_saving=use_memory_saving, plain_path_estimate_gb=estimate,
+                  trajectories_per_update=config.trajectories)
+    return result
 
 
-def _recorded(stage: StageDir) -> dict:
-    record = stage.record() or {}
-    return {"summary": record.get("summary", {}), "stage": str(stage.path),
-            "path": str(stage / record.get("file", "")), "reused": True}
+STAGE = Stage(
+    "distill", DistillConfig, _distill, "learn the synthetic set by matching expert trajectories",
+    folder=lambda config, layout: layout.distill_dir(config.name),
+    inputs=lambda config, layout: {"init": init_path(config), "experts": experts_dir(config)},
+    input_fields=("init", "experts_dir"),
+    runtime=("checkpoint_every", "memory_saving", "memory_budget_gb", "max_bad_steps", "grid_images"),
+    units=("iterations",), extends=lambda old, new: new["iterations"] >= (old.get("iterations") or 0),
+    torchrun=True,
+)
 
 
-def _measure(meter: Meter) -> dict:
-    return {"seconds_this_session": round(meter.seconds, 2), "peak_rss_mb": round(meter.peak_mb, 1)}
+def distill(config: DistillConfig) -> StageResult:
+    """``<out>/distill/distilled.safetensors`` (``distill-<name>/`` for a named variant)."""
+    return run_stage(STAGE, config)
 
 
 # ----------------------------------------------------------------------------------------------
 # setup
 # ----------------------------------------------------------------------------------------------
-def init_path(config: DistillConfig) -> Path:
-    """``high_loss`` / ``random`` -> ``<out>/init/<name>.safetensors``; anything else is a file path."""
-    if config.init in ("high_loss", "random"):
-        return Path(config.out) / "init" / f"{config.init}.safetensors"
-    return Path(config.init)
-
-
-def experts_dir(config: DistillConfig) -> Path:
-    return Path(config.experts_dir) if config.experts_dir else Path(config.out) / "experts"
-
-
 def _setup(config: DistillConfig, device: torch.device) -> Setup:
     path = init_path(config)
     if not path.is_file():
@@ -182,35 +153,43 @@ def _setup(config: DistillConfig, device: torch.device) -> Setup:
     if config.validation_experts >= len(bank):
         raise MkdtError(f"{experts_dir(config)}: validation_experts={config.validation_experts} leaves none of the "
                         f"{len(bank)} experts to distill from; lower validation_experts or train more experts")
-    return Setup(path, initial, student, layout, bank, device)
+    objective = student if ssl else matching.KD
+    return Setup(path, initial, student, layout, bank, device, objective)
 
 
-def _start_or_resume(config: DistillConfig, setup: Setup, stage: StageDir, dctx: DistContext) -> DistillState:
+def _start_or_resume(config: DistillConfig, setup: Setup, run: StageRun) -> DistillState:
     """A fresh state, or the checkpoint's; rank 0 checks and reads the checkpoint, every rank loads it."""
-    initial = setup.initial
+    initial, dctx = setup.initial, run.dist
     state = DistillState.fresh(
         initial.images.to(setup.device), initial.targets.to(setup.device), config.lr_init,
-        learn={"targets": config.learn_targets, "lr": config.learn_lr},
+        learn={"targets": config.targets_learned, "lr": config.learn_lr},
         rates={"images": config.lr_img, "targets": config.lr_targets, "lr": config.lr_lr},
         momentum=config.momentum,
         rng=generator(derive_seed(config.seed, "distill", "iterations")),
         rng_augment=generator(derive_seed(config.seed, "distill", "augment")),
     )
-    path = stage / CHECKPOINT
-    saved = broadcast_object(_resumable(path, config, setup) if dctx.is_main else None, dctx)
+    path = run.path(CHECKPOINT)
+    saved = broadcast_object(_resumable(path, config, run) if dctx.is_main else None, dctx)
     if saved is not None:
         state.load(*saved, path)
+        run.note(f"resumed from the checkpoint at iteration {state.iteration} of {config.iterations}")
     _check_in_sync(state, dctx)
     if dctx.is_main:
-        _rewrite_log(stage / LOG, state.log)
+        _rewrite_log(run.path(LOG), state.log)
     return state
 
 
-def _resumable(path: Path, config: DistillConfig, setup: Setup) -> tuple[dict, dict] | None:
-    """The checkpoint's tensors and metadata if there is one for this problem (else ``None``)."""
+def _resumable(path: Path, config: DistillConfig, run: StageRun) -> tuple[dict, dict] | None:
+    """The checkpoint's tensors and metadata if it was written for this run's identity (else ``None``)."""
     if not path.is_file():
         return None
-    _check_checkpoint(path, config, setup)
+    meta = read_metadata(path)
+    if meta.get("identity") != run.key:
+        log.warning(f"{path}: checkpoint of other settings; starting over")
+        return None
+    if int(meta.get("iteration", 0)) > config.iterations:
+        raise MkdtError(f"{path}: checkpoint is at iteration {meta['iteration']}, beyond iterations="
+                        f"{config.iterations}; raise iterations or delete the checkpoint")
     return read_checkpoint(path)
 
 
@@ -220,33 +199,8 @@ def _check_in_sync(state: DistillState, dctx: DistContext) -> None:
         assert_in_sync(state.leaf(name), dctx, f"distill {name}")
 
 
-def _checkpoint_meta(config: DistillConfig, setup: Setup) -> dict[str, Any]:
-    return {"resume_key": resume_key(to_dict(config)), "experts": setup.bank.names(),
-            "init_digest": tensor_digest(setup.initial.images, setup.initial.targets)}
-
-
-def _check_checkpoint(path: Path, config: DistillConfig, setup: Setup) -> None:
-    """A checkpoint is resumed only for the same problem: config (up to resumable fields), experts, init."""
-    meta = read_metadata(path)
-    want = _checkpoint_meta(config, setup)
-    old_key, new_key = meta.get("resume_key", {}), want["resume_key"]
-    if old_key != new_key:
-        diff = sorted(k for k in set(old_key) | set(new_key) if old_key.get(k) != new_key.get(k))
-        key = diff[0] if diff else "?"
-        raise MkdtError(f"{path}: checkpoint was written for another distill config ({key}: {old_key.get(key)!r} "
-                        f"there, {new_key.get(key)!r} now); delete it to start over or use another --out")
-    if meta.get("experts") != want["experts"]:
-        raise MkdtError(f"{path}: checkpoint was written with other expert files; delete it to start over")
-    if meta.get("init_digest") != want["init_digest"]:
-        raise MkdtError(f"{path}: checkpoint was written from another initial set ({setup.init_path} changed); "
-                        f"delete it to start over")
-    if int(meta.get("iteration", 0)) > config.iterations:
-        raise MkdtError(f"{path}: checkpoint is at iteration {meta['iteration']}, beyond iterations="
-                        f"{config.iterations}; raise iterations or delete the checkpoint")
-
-
-def _rewrite_log(path: Path, log: list[dict[str, Any]]) -> None:
-    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in log))
+def _rewrite_log(path: Path, log_rows: list[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in log_rows))
 
 
 def _choose_path(config: DistillConfig, setup: Setup, state: DistillState) -> tuple[bool, float | None]:
@@ -255,7 +209,7 @@ def _choose_path(config: DistillConfig, setup: Setup, state: DistillState) -> tu
     The estimate is a measured one-step cost (bytes autograd saves for one unrolled step at the real
     batch size) times ``syn_steps``; it uses its own generator so the run's random stream is untouched.
     """
-    mode = memory_saving_mode(config.memory_saving)
+    mode = config.memory_mode
     if mode != "auto":
         return mode == "on", None
     probe_rng = generator(derive_seed(config.seed, "distill", "memory-probe"))
@@ -264,7 +218,7 @@ def _choose_path(config: DistillConfig, setup: Setup, state: DistillState) -> tu
                                 augment_generator=probe_rng if config.augment else None,
                                 resolution=state.images.shape[-1])
     problem = matching.Problem(setup.student, setup.layout, theta0.to(setup.device), theta_star.to(setup.device),
-                               state.images, state.targets, state.lr, steps)
+                               state.images, state.targets, state.lr, steps, setup.objective)
     estimate = memory.estimate_plain_bytes(problem, config.syn_steps)
     budget = memory.memory_budget_bytes(setup.device, config.memory_budget_gb)
     return estimate > budget, round(estimate / 2**30, 3)
@@ -273,33 +227,34 @@ def _choose_path(config: DistillConfig, setup: Setup, state: DistillState) -> tu
 # ----------------------------------------------------------------------------------------------
 # the loop
 # ----------------------------------------------------------------------------------------------
-def _run(config: DistillConfig, setup: Setup, state: DistillState, stage: StageDir, use_memory_saving: bool,
-         dctx: DistContext, per_update: int) -> None:
-    meta = _checkpoint_meta(config, setup)
-    bar = tqdm(total=config.iterations, initial=state.iteration, desc="distill", disable=progress_disabled(dctx),
-               dynamic_ncols=True)
-    try:
+def _run(config: DistillConfig, setup: Setup, state: DistillState, run: StageRun, use_memory_saving: bool) -> None:
+    dctx = run.dist
+    meta = {"identity": run.key, "experts": setup.bank.names()}
+    with Progress(config.iterations, "distill", initial=state.iteration, enabled=dctx.is_main) as bar:
         if state.iteration == 0:
             _validate(config, setup, state, dctx)
-        with _log_writer(stage / LOG, dctx) as write_row:
+            _note_validation(bar, state)
+        with _log_writer(run.path(LOG), dctx) as write_row:
             while state.iteration < config.iterations:
-                row = _iteration(config, setup, state, use_memory_saving, dctx, per_update)
+                row = _iteration(config, setup, state, use_memory_saving, dctx)
                 state.log.append(row)
                 write_row(row)
                 if state.consecutive_bad >= config.max_bad_steps:
                     _stop_bad(config, setup, state, row)
-                bar.update(1)
-                if row["loss"] is not None:
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.4f}")
+                bar.update(1, loss=row["loss"], lr=row["lr"])
                 if state.iteration % config.checkpoint_every == 0 or state.iteration == config.iterations:
                     _validate(config, setup, state, dctx)
-                    if dctx.is_main and state.validation and state.validation[-1]["iteration"] == state.iteration:
-                        bar.write(f"distill iteration {state.iteration}: val_loss {state.validation[-1]['val_loss']:.4f}")
+                    _note_validation(bar, state)
                     _check_in_sync(state, dctx)
                     if dctx.is_main:
-                        state.save(stage / CHECKPOINT, meta)
-    finally:
-        bar.close()
+                        state.save(run.path(CHECKPOINT), meta)
+
+
+def _note_validation(bar: Progress, state: DistillState) -> None:
+    if state.validation and state.validation[-1]["iteration"] == state.iteration:
+        value = state.validation[-1]["val_loss"]
+        bar.set(val=value)
+        bar.note(f"distill iteration {state.iteration}: val_loss {value:.4f}")
 
 
 @contextlib.contextmanager
@@ -317,10 +272,10 @@ def _log_writer(path: Path, dctx: DistContext) -> Iterator[Callable[[dict[str, A
 
 
 def _iteration(config: DistillConfig, setup: Setup, state: DistillState, use_memory_saving: bool,
-               dctx: DistContext, per_update: int) -> dict[str, Any]:
-    """One outer update (or a logged skip) from ``per_update`` trajectories; returns its log row."""
+               dctx: DistContext) -> dict[str, Any]:
+    """One outer update (or a logged skip) from ``config.trajectories`` trajectories; returns its log row."""
     t0, cpu0 = time.perf_counter(), time.process_time()
-    draws = draw_trajectories(config, setup, state, per_update)
+    draws = draw_trajectories(config, setup, state, config.trajectories)
     result, ok = match_draws(config, setup, state, draws, use_memory_saving, dctx)
     state.iteration += 1
     if ok:
@@ -371,7 +326,7 @@ def validation_loss(config: DistillConfig, setup: Setup, state: DistillState) ->
             theta0, theta_star = (t.to(setup.device) for t in setup.bank.pair(expert, start,
                                                                                start + config.expert_epochs))
             problem = matching.Problem(setup.student, setup.layout, theta0, theta_star, state.images,
-                                       state.targets, state.lr, steps)
+                                       state.targets, state.lr, steps, setup.objective)
             losses.append(float(matching.matching_loss(matching.rollout(problem)[-1], theta0, theta_star)))
     return sum(losses) / len(losses)
 
@@ -400,7 +355,7 @@ def _match(config: DistillConfig, setup: Setup, state: DistillState, draw: Draw,
            use_memory_saving: bool) -> matching.MatchResult:
     theta0, theta_star = setup.bank.pair(draw.expert, draw.start, draw.start + config.expert_epochs)
     problem = matching.Problem(setup.student, setup.layout, theta0.to(setup.device), theta_star.to(setup.device),
-                               state.images, state.targets, state.lr, draw.steps)
+                               state.images, state.targets, state.lr, draw.steps, setup.objective)
     return memory.match_memory_saving(problem) if use_memory_saving else matching.match_plain(problem)
 
 
@@ -482,24 +437,20 @@ def _stop_bad(config: DistillConfig, setup: Setup, state: DistillState, row: dic
 # ----------------------------------------------------------------------------------------------
 # outputs
 # ----------------------------------------------------------------------------------------------
-def distilled_name(updates: int) -> str:
-    return f"distilled_{updates}.safetensors"
-
-
-def _write_outputs(config: DistillConfig, setup: Setup, state: DistillState, stage: StageDir) -> dict[str, Any]:
+def _write_outputs(config: DistillConfig, setup: Setup, state: DistillState, run: StageRun) -> dict[str, Any]:
     initial = setup.initial
-    name = distilled_name(state.iteration)
     provenance = {k: initial.meta[k] for k in ("data_name", "fingerprint") if k in initial.meta}
     method = "mtt_ssl" if config.inner_objective == "ssl" else "mkdt"
     meta = {**provenance, "kind": "distilled", "method": method, "iterations": state.iteration,
-            "model": config.model.to_dict(), "init": str(setup.init_path), "experts": len(setup.bank),
-            "experts_dir": str(experts_dir(config)), "seed": config.seed}
+            "model": config.model.to_dict(), "init": run.rel(setup.init_path), "experts": len(setup.bank),
+            "experts_dir": run.rel(experts_dir(config)), "seed": config.seed}
     final = SyntheticSet(state.images.detach().cpu(), state.targets.detach().cpu(), initial.mean, initial.std,
                          lr=float(state.lr.detach()), indices=initial.indices, meta=meta)
-    save_synthetic(stage / name, final)
-    save_grid(stage / "grid_initial.png", initial.images, initial.mean, initial.std, config.grid_images)
-    save_grid(stage / "grid_distilled.png", final.images, initial.mean, initial.std, config.grid_images)
-    save_loss_curve(stage / "loss.png", state.log, state.validation)
+    name = SET_FILE["distill"]
+    save_synthetic(run.output("set", name), final)
+    save_grid(run.path("grid_initial.png"), initial.images, initial.mean, initial.std, config.grid_images)
+    save_grid(run.path("grid_distilled.png"), final.images, initial.mean, initial.std, config.grid_images)
+    save_loss_curve(run.path("loss.png"), state.log, state.validation)
     losses = [r["loss"] for r in state.log if r["loss"] is not None]
     head = losses[: max(1, min(10, len(losses)))]
     tail = losses[-max(1, min(10, len(losses))):]

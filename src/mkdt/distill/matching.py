@@ -7,23 +7,23 @@ and is compared with the expert ``expert_epochs`` later:
 This module holds the "plain" path (autograd keeps every step's graph, as the authors' code does);
 ``memory.py`` computes the same gradients keeping one step alive at a time.
 
-A student module may bring its own inner objective: one with a ``step_loss(layout, theta, images,
-step)`` method (MTT-SSL's :class:`mkdt.distill.ssl_inner.SSLInnerStudent`, the SSL loss of two views
-of the minibatch) is unrolled on that loss instead of the KD MSE; targets then play no part. Only the
-plain path supports such students: :func:`inner_loss`, which the memory-saving pass calls, refuses them.
+The inner objective is chosen once, when a run is set up: :data:`KD` (MSE of the student to the learned
+targets, MKDT) or another :class:`InnerObjective` (MTT-SSL's SSL loss of two views of the minibatch,
+:class:`mkdt.distill.ssl_inner.SSLInnerStudent`; targets then play no part). Only the plain path takes
+other objectives: the memory-saving pass differentiates the KD objective by hand.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mkdt.distill import augment as aug
-from mkdt.errors import MkdtError
 from mkdt.models.functional import ParamLayout, functional_forward
 
 
@@ -33,6 +33,23 @@ class InnerStep:
 
     indices: torch.Tensor
     augment: aug.AugmentParams | None = None
+
+
+class InnerObjective(Protocol):
+    """The loss one inner SGD step descends, at parameters ``theta``, on the step's minibatch."""
+
+    def step_loss(self, problem: "Problem", theta: torch.Tensor, step: InnerStep) -> torch.Tensor: ...
+
+
+class KDObjective:
+    """MKDT's inner objective: MSE of the student to the learned targets of the (augmented) minibatch."""
+
+    def step_loss(self, problem: "Problem", theta: torch.Tensor, step: InnerStep) -> torch.Tensor:
+        x, y = step_batch(problem.images, problem.targets, step)
+        return inner_loss(problem.student, problem.layout, theta, x, y)
+
+
+KD = KDObjective()
 
 
 @dataclass
@@ -51,6 +68,7 @@ class Problem:
     targets: torch.Tensor
     lr: torch.Tensor
     steps: list[InnerStep] = field(default_factory=list)
+    objective: InnerObjective = KD
 
     def wants(self) -> list[torch.Tensor]:
         """The learned leaves gradients are needed for, in the order images, targets, lr."""
@@ -103,19 +121,12 @@ def step_batch(images: torch.Tensor, targets: torch.Tensor, step: InnerStep) -> 
 def inner_loss(student: nn.Module, layout: ParamLayout, theta: torch.Tensor, x: torch.Tensor,
                y: torch.Tensor) -> torch.Tensor:
     """The student's KD objective on one minibatch: MSE(student(x), y), mean over all entries."""
-    if hasattr(student, "step_loss"):
-        raise MkdtError("the memory-saving path implements only the KD inner objective; set memory_saving=false "
-                        "for inner_objective ssl")
     return F.mse_loss(functional_forward(student, layout, theta, x), y)
 
 
 def step_loss(problem: Problem, theta: torch.Tensor, step: InnerStep) -> torch.Tensor:
-    """The inner objective of one step: the student's own (e.g. SSL) if it has one, else KD MSE."""
-    own = getattr(problem.student, "step_loss", None)
-    if own is not None:
-        return own(problem.layout, theta, problem.images, step)
-    x, y = step_batch(problem.images, problem.targets, step)
-    return inner_loss(problem.student, problem.layout, theta, x, y)
+    """The inner objective of one step (the run's :class:`InnerObjective`)."""
+    return problem.objective.step_loss(problem, theta, step)
 
 
 def matching_loss(theta_n: torch.Tensor, theta0: torch.Tensor, theta_star: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,12 @@
-"""MTT-SSL's inner objective (REFERENCE 2, "MTT-SSL (naive)"): the SSL loss on the synthetic set.
+"""MTT-SSL's inner objective (the paper's naive baseline, Section 3): the SSL loss on the synthetic set.
 
 The paper's negative result, implemented as faithfully as MKDT itself: the same outer loop, expert
 sampling and normalised parameter-distance loss, but the experts were trained with the SSL loss
 (:mod:`mkdt.experts.ssl_experts`) and every unrolled inner step is a plain SGD step on that same loss —
 projector, Barlow Twins (or SimCLR) loss and augmentation read from the experts' metadata — between two
 augmented views of the synthetic minibatch, through the functional student (backbone + projector in
-one flat vector, the experts' layout). Learned targets play no part: the config never learns them
-(``learn_targets`` is forced off) and the stored targets are the initial set's.
+one flat vector, the experts' layout). Learned targets play no part: they are not learned with this
+objective (``learn_targets: true`` is refused) and the stored targets are the initial set's.
 
 Views: the experts' :class:`mkdt.ssl.BatchAugment` (random resized crop, flip, colour jitter,
 grayscale), which is differentiable in the pixels (``grid_sample`` and per-image linear colour maps;
@@ -18,7 +18,7 @@ consumed (KD runs and the torchrun draw order are untouched), a resumed run and 
 the same views, and every rank agrees.
 
 Only the plain path: the memory-saving reverse pass implements the KD objective (``memory_saving: auto``
-picks the plain path for ssl; ``true`` is refused by the config).
+means the plain path for ssl; ``true`` is refused by the config).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ from mkdt.ssl.objectives import build_loss
 class SSLInnerStudent(SSLStudent):
     """The experts' SSL student (same parameters, same layout) with their loss and augmentation attached.
 
-    :func:`mkdt.distill.matching.unroll` calls :meth:`step_loss` instead of the KD MSE.
+    It is the run's inner objective (:class:`mkdt.distill.matching.InnerObjective`): the unrolled steps
+    descend :meth:`step_loss` instead of the KD MSE.
     """
 
     def __init__(self, student: SSLStudent, settings: SslExpertSettings, mean: Sequence[float],
@@ -59,9 +60,10 @@ class SSLInnerStudent(SSLStudent):
         key = hashlib.sha256(order).hexdigest()[:16]
         return sample_views(self.augment, x, generator(derive_seed(self.view_seed, "views", key)))
 
-    def step_loss(self, layout: ParamLayout, theta: torch.Tensor, images: torch.Tensor, step: Any) -> torch.Tensor:
+    def step_loss(self, problem: Any, theta: torch.Tensor, step: Any) -> torch.Tensor:
         """SSL loss at parameters ``theta`` of two views of the step's synthetic minibatch (differentiable
-        in ``theta`` and ``images``)."""
+        in ``theta`` and the images)."""
+        layout, images = problem.layout, problem.images
         x = images[step.indices.to(images.device)]
         if len(x) < 2:
             raise MkdtError(f"an inner minibatch of {len(x)} image cannot feed the SSL loss; change batch_syn")

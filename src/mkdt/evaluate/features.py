@@ -9,7 +9,6 @@ adapted data's fingerprint, so each (encoder, set) pair is encoded once.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +16,13 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from mkdt.artifacts import TensorSpec, load_tensors, read_metadata, save_tensors
+from mkdt.artifacts import TensorSpec, file_sha256, load_tensors, read_metadata, save_tensors
 from mkdt.data import ImageSet, normalize
+from mkdt.distributed import is_main_process
 from mkdt.errors import MkdtError
 from mkdt.models import ModelConfig, build_model
+from mkdt.progress import Progress
 
 ENCODER_KEYS = ("model", "in_channels", "resolution", "mean", "std")
 
@@ -56,11 +56,7 @@ class Encoder:
 
 def file_digest(path: str | os.PathLike) -> str:
     """sha256 (first 16 hex) of a file's bytes: identifies the exact encoder weights."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 def model_config_from(meta: dict[str, Any], path: Path) -> ModelConfig:
@@ -123,9 +119,12 @@ def extract_features(
     model.eval()
     out = []
     try:
-        for chunk in tqdm(images.split(batch_size), desc=desc, disable=None, leave=False):
-            x = normalize(chunk.to(device), mean, std)
-            out.append(model.features(x).float().cpu())
+        chunks = images.split(batch_size)
+        with Progress(len(chunks), desc, unit="batch", enabled=is_main_process()) as bar:
+            for chunk in chunks:
+                x = normalize(chunk.to(device), mean, std)
+                out.append(model.features(x).float().cpu())
+                bar.update(1)
     finally:
         model.train(was_training)
     if not out:

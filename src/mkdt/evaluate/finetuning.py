@@ -20,18 +20,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from mkdt.artifacts import RunDir, TensorSpec, config_digest, load_tensors, read_metadata, save_json, save_tensors
-from mkdt.config import StageConfig, to_dict
+from mkdt.artifacts import TensorSpec, load_tensors, read_metadata, save_json, save_tensors
+from mkdt.config import StageConfig, require, to_dict
 from mkdt.data import DataConfig, ImageSet, labelled_split, load_dataset, normalize
+from mkdt.distributed import DistContext, barrier, broadcast_object, gather_records, is_main_process, shard
+from mkdt.engine import Stage, StageResult, StageRun, run_stage
 from mkdt.errors import MkdtError
 from mkdt.evaluate.features import Encoder, adapt, load_encoder
-from mkdt.distributed import (DistContext, barrier, broadcast_object, gather_records, init_distributed,
-                              is_main_process, shard)
-from mkdt.evaluate.probing import (encoder_path, load_partial, majority_fraction, percent_key, previous_results,
-                                   probe_name, remove_partial, save_partial, summarise, unique_labels)
-from mkdt.runtime import Meter, derive_seed, generator, seeded
+from mkdt.evaluate.probing import (encoder_path, load_done, majority_fraction, percent_key, probe_name,
+                                   remove_partial, save_partial, summarise, unique_labels)
+from mkdt.layout import RESULTS_FILE
+from mkdt.progress import Progress
+from mkdt.runtime import derive_seed, generator, seeded
 
 
 @dataclasses.dataclass
@@ -55,21 +56,21 @@ class FinetuneConfig(StageConfig):
     flip: bool = True
     checkpoint_every: int = 500
     eval_batch_size: int = 512
-    collapse_threshold: float = 0.9
+    collapse_threshold: float = 0.9  # flag a classifier predicting one class for this share of the test set
+
+    def check(self) -> None:
+        for key in ("iterations", "batch_size", "checkpoint_every", "eval_batch_size"):
+            require(getattr(self, key) >= 1, key, "at least 1", getattr(self, key))
+        require(self.lr > 0, "lr", "positive", self.lr)
+        for key in ("momentum", "weight_decay", "crop_padding"):
+            require(getattr(self, key) >= 0, key, ">= 0", getattr(self, key))
+        require(self.split_mode in ("stratified", "uniform"), "split_mode", "stratified or uniform", self.split_mode)
+        require(self.downstream, "downstream", "a non-empty list of data sets", self.downstream)
+        require(self.seeds, "seeds", "a non-empty list", self.seeds)
+        require(self.percents and all(0 < p <= 100 for p in self.percents), "percents",
+                "a non-empty list of numbers in (0, 100]", self.percents)
 
 
-def check_config(cfg: FinetuneConfig) -> None:
-    if cfg.iterations < 1 or cfg.batch_size < 1 or cfg.checkpoint_every < 1:
-        raise MkdtError("finetune iterations, batch_size and checkpoint_every must be >= 1")
-    if not cfg.lr > 0 or cfg.momentum < 0 or cfg.weight_decay < 0 or cfg.crop_padding < 0:
-        raise MkdtError("finetune lr must be positive and momentum, weight_decay, crop_padding >= 0")
-    if cfg.split_mode not in ("stratified", "uniform"):
-        raise MkdtError(f"finetune split_mode must be stratified or uniform, got {cfg.split_mode!r}")
-    if not cfg.downstream or not cfg.percents or not cfg.seeds:
-        raise MkdtError("finetune needs at least one downstream set, percent and seed")
-    for p in cfg.percents:
-        if not 0 < p <= 100:
-            raise MkdtError(f"finetune percents must be in (0, 100], got {p}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,8 +158,7 @@ def train_classifier(cfg: FinetuneConfig, model: Classifier, images: torch.Tenso
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     step, order, losses = load_checkpoint(ckpt, model, opt, gen, cfg.batch_size) if ckpt.is_file() else (0, [], [])
     model.train()
-    bar = tqdm(total=cfg.iterations, initial=step, desc=desc, disable=None if is_main_process() else True,
-               leave=False)
+    bar = Progress(cfg.iterations, desc, initial=step, enabled=is_main_process())
     while step < cfg.iterations:
         if not order:
             order = list(torch.randperm(len(images), generator=gen).split(cfg.batch_size))
@@ -173,7 +173,7 @@ def train_classifier(cfg: FinetuneConfig, model: Classifier, images: torch.Tenso
         loss.backward()
         opt.step()
         step += 1
-        bar.update(1)
+        bar.update(1, loss=float(loss.detach()))
         if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
             losses.append(float(loss.detach()))
             if step < cfg.iterations:
@@ -235,69 +235,66 @@ def prepare_sets(cfg: FinetuneConfig, pending: list[str], encoder: Encoder, ctx:
     barrier(ctx)
 
 
-def finetune(config: FinetuneConfig) -> dict:
+def _finetune(config: FinetuneConfig, run: StageRun) -> dict[str, Any]:
     """Fine-tune the encoder on every downstream set / percent / seed; writes ``results.json``.
 
     Launched by torchrun, the (set, percent, seed) runs are shared round-robin between the ranks
     (each on its own device, each with its own checkpoint file) and gathered to rank 0, which alone
     writes the results.
     """
-    check_config(config)
-    ctx = init_distributed(config.device)
-    path = encoder_path(config)  # type: ignore[arg-type]
-    device = ctx.device
-    encoder = load_encoder(path, device)
-    name = probe_name(config, path)  # type: ignore[arg-type]
-    stage = RunDir(config.out).stage(f"finetune/{name}")
-    cfg_dict = to_dict(config)
-    finished = previous_results(stage, cfg_dict, encoder.digest, ctx)
-    if finished is not None:
-        return finished
-    ckpt_dir = stage / "checkpoints" / f"{config_digest(cfg_dict)}_{encoder.digest}"
-    done: dict[str, dict] = {}
-    if ctx.is_main:
-        stage.invalidate()
-        stage.save_config(config)
-        done = load_partial(stage, encoder.digest, cfg_dict)
-        for old in (stage / "checkpoints").glob("*"):  # checkpoints of another config/encoder cannot be resumed
-            if old != ckpt_dir and old.is_dir():
-                shutil.rmtree(old)
-    done = broadcast_object(done, ctx)
+    ctx = run.dist
+    path = encoder_path(config)
+    encoder = load_encoder(path, ctx.device)
+    ckpt_dir = run.path("checkpoints")
+    done = broadcast_object(load_done(run) if ctx.is_main else None, ctx)
     labels = unique_labels(list(config.downstream))
     jobs = [(lab, p, s) for lab in labels for p in config.percents for s in config.seeds
             if f"{lab}|{percent_key(p)}|{s}" not in done]
     mine = shard(jobs, ctx)
     new: dict[str, dict] = {}
-    with Meter() as meter:
-        prepare_sets(config, sorted({job[0] for job in jobs}), encoder, ctx)
-        for label, data_cfg in zip(labels, config.downstream):
-            todo = [job for job in mine if job[0] == label]
-            if not todo:
-                continue
-            train, test = load_sets(config, data_cfg, encoder)
-            for _, percent, seed in todo:
-                new[f"{label}|{percent_key(percent)}|{seed}"] = finetune_one(config, path, encoder, train, test, label,
-                                                                            percent, seed, device, ckpt_dir)
-                save_partial(stage, ctx, encoder.digest, cfg_dict, done, new)
-        done.update(gather_records(new, ctx))
-    results = None
-    if ctx.is_main:
-        runs = [done[f"{lab}|{percent_key(p)}|{s}"] for lab in labels for p in config.percents for s in config.seeds]
-        results = {
-            "name": name, "encoder": str(path), "encoder_digest": encoder.digest, "encoder_meta": encoder.meta,
-            "downstream": {lab: to_dict(c) for lab, c in zip(labels, config.downstream)},
-            "protocols": {"finetune": {"optimizer": f"SGD lr {config.lr} momentum {config.momentum} wd "
-                                                    f"{config.weight_decay}, cosine", "iterations": config.iterations,
-                                       "batch_size": config.batch_size, "augmentation":
-                                           f"random crop (padding {config.crop_padding}) + flip" if config.flip else
-                                           f"random crop (padding {config.crop_padding})",
-                                       "split": config.split_mode}},
-            "percents": [float(p) for p in config.percents], "seeds": list(config.seeds), "std_ddof": 1,
-            "runs": runs, "summary": summarise(runs), "measure": {**meter.as_dict(), "world_size": ctx.world_size},
-        }
-        save_json(stage / "results.json", results)
-        stage.finish(cfg_dict, encoder_digest=encoder.digest, results=str(stage / "results.json"),
-                     world_size=ctx.world_size)
-        remove_partial(stage)
-        shutil.rmtree(stage / "checkpoints", ignore_errors=True)
-    return broadcast_object(results, ctx)
+    prepare_sets(config, sorted({job[0] for job in jobs}), encoder, ctx)
+    for label, data_cfg in zip(labels, config.downstream):
+        todo = [job for job in mine if job[0] == label]
+        if not todo:
+            continue
+        train, test = load_sets(config, data_cfg, encoder)
+        for _, percent, seed in todo:
+            new[f"{label}|{percent_key(percent)}|{seed}"] = finetune_one(config, path, encoder, train, test, label,
+                                                                        percent, seed, ctx.device, ckpt_dir)
+            save_partial(run, done, new)
+    done.update(gather_records(new, ctx))
+    if not ctx.is_main:
+        return {}
+    keys = [f"{lab}|{percent_key(p)}|{s}" for lab in labels for p in config.percents for s in config.seeds]
+    runs = [done[k] for k in keys]
+    results = {
+        "name": run.folder.name, "encoder": run.rel(path), "encoder_digest": encoder.digest,
+        "encoder_meta": encoder.meta,
+        "downstream": {lab: to_dict(c) for lab, c in zip(labels, config.downstream)},
+        "protocols": {"finetune": {"optimizer": f"SGD lr {config.lr} momentum {config.momentum} wd "
+                                                f"{config.weight_decay}, cosine", "iterations": config.iterations,
+                                   "batch_size": config.batch_size, "augmentation":
+                                       f"random crop (padding {config.crop_padding}) + flip" if config.flip else
+                                       f"random crop (padding {config.crop_padding})",
+                                   "split": config.split_mode}},
+        "percents": [float(p) for p in config.percents], "seeds": list(config.seeds), "std_ddof": 1,
+        "runs": runs, "summary": summarise(runs), "identity": run.key, "jobs": {k: done[k] for k in keys},
+    }
+    save_json(run.output("results", RESULTS_FILE), results)
+    remove_partial(run.folder)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return {"name": run.folder.name, "results": run.rel(run.path(RESULTS_FILE)), "summary": results["summary"]}
+
+
+STAGE = Stage(
+    "finetune", FinetuneConfig, _finetune, "fine-tune an encoder on a downstream set",
+    folder=lambda config, layout: layout.finetune_dir(probe_name(config, encoder_path(config))),
+    inputs=lambda config, layout: {"encoder": encoder_path(config)}, input_fields=("encoder",),
+    runtime=("checkpoint_every", "eval_batch_size"), units=("downstream", "percents", "seeds"),
+    extends=lambda old, new: True, torchrun=True,
+)
+
+
+def finetune(config: FinetuneConfig) -> StageResult:
+    """Fine-tune one encoder; ``<out>/finetune/<name>/results.json``."""
+    return run_stage(STAGE, config)

@@ -4,7 +4,7 @@ Objective (both protocols), for ``n`` labelled examples, weights ``W`` (classes 
 
     J(W, b) = (1/n) * sum_i CE(W x_i + b, y_i) + reg * ||W||_F^2        (bias not penalised)
 
-i.e. the mean cross-entropy plus ``reg`` (1e-3 in REFERENCE 1.6) times the squared Frobenius norm of
+i.e. the mean cross-entropy plus ``reg`` (1e-3 in the paper's evaluation) times the squared Frobenius norm of
 the weights, the form "regularisation weight" takes in the linear-probe scripts the paper builds on.
 scikit-learn's ``LogisticRegression`` minimises ``C * sum_i CE + 0.5 * ||W||^2`` (intercept not
 penalised with lbfgs); multiplying J by ``n / (2 reg)`` gives that form, so the equivalent setting is

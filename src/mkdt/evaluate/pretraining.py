@@ -1,9 +1,9 @@
 """``mkdt pretrain``: pre-train a fresh encoder on a distilled set, a real subset or the full source set.
 
-REFERENCE 6: encoder + linear head to the target dimension, MSE to the set's targets for 20 epochs with
-SGD (momentum 0.9, weight decay 1e-4, batch 256) through :func:`mkdt.training.train_regression` (the
-same loop the experts use); the lr is the learned one for a distilled set and 0.1 otherwise. The head
-is discarded and the encoder's state dict saved with everything the probe needs to use it correctly
+The paper's evaluation (Section 5): encoder + linear head to the target dimension, MSE to the set's
+targets for 20 epochs with SGD (momentum 0.9, weight decay 1e-4, batch 256) through
+:func:`mkdt.training.train_regression` (the same loop the experts use); the lr is the learned one for a
+distilled set and 0.1 otherwise. The head is discarded and the encoder's state dict saved with everything the probe needs to use it correctly
 (architecture, input shape, the pre-training normalisation).
 
 Kinds: ``distilled`` / ``subset`` (a ``save_synthetic`` file), ``full`` (source data + teacher targets,
@@ -14,21 +14,24 @@ the upper bound), ``ssl`` (Barlow Twins on a real subset, through ``mkdt.ssl`` w
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from mkdt.artifacts import StageDir, atomic_write_text, config_digest, read_metadata, save_tensors, to_json
-from mkdt.config import StageConfig, to_dict
+from mkdt.artifacts import atomic_write_text, read_metadata, save_tensors
+from mkdt.config import StageConfig, require
 from mkdt.data import DataConfig, load_dataset
+from mkdt.engine import Stage, StageResult, StageRun, run_stage
 from mkdt.errors import MkdtError
-from mkdt.evaluate.features import file_digest
 from mkdt.formats import SyntheticSet, load_synthetic, load_targets
+from mkdt.layout import ENCODER_FILE, RunLayout
 from mkdt.models import ModelConfig, build_model
-from mkdt.runtime import Meter, derive_seed, generator, resolve_device, seeded
+from mkdt.progress import Progress
+from mkdt.runtime import derive_seed, generator, seeded
 from mkdt.training import RegressionSchedule, train_regression
 
 KINDS = ("distilled", "subset", "full", "ssl", "none")
@@ -37,7 +40,7 @@ DEFAULT_LR = 0.1
 
 @dataclasses.dataclass
 class SslSettings:
-    """Barlow Twins (or SimCLR) on a real subset, through ``mkdt.ssl`` (REFERENCE 1 recipe by default)."""
+    """Barlow Twins (or SimCLR) on a real subset, through ``mkdt.ssl`` (the paper's teacher recipe by default)."""
 
     objective: str = "barlow_twins"
     epochs: int = 200
@@ -56,21 +59,26 @@ class SslSettings:
 class PretrainConfig(StageConfig):
     """What to pre-train on (``kind`` + ``source``/``data``/``targets``), the encoder and the schedule."""
 
-    kind: str = "distilled"
+    kind: str = "distilled"  # distilled, subset, full, ssl or none (random init, no pre-training)
     name: str | None = None  # output folder <out>/pretrain/<name>; defaults to kind
-    source: str | None = None  # synthetic-set file (distilled/subset/ssl); None = conventional path
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)  # full and none
-    targets: str | None = None  # full: teacher targets; None = <out>/targets/targets.safetensors
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    epochs: int = 20
-    lr: float | None = None  # None: the set's learned lr (distilled) or 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    batch_size: int = 256
+    source: str | None = None  # the set file (distilled/subset/ssl); default: the run's distilled set or random subset
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)  # the source data (kinds full and none)
+    targets: str | None = None  # full: the teacher targets (default: the run's targets/targets.safetensors)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # the encoder
+    # SGD schedule; lr null: the set's learned lr (distilled) or 0.1
+    schedule: RegressionSchedule = dataclasses.field(default_factory=lambda: RegressionSchedule(lr=None))
     ssl: SslSettings = dataclasses.field(default_factory=SslSettings)  # kind=ssl only
     # A pre-training recipe recorded in the set file's metadata (e.g. krr_st: KRR-ST's own 1000-epoch
-    # schedule); its epochs / lr / momentum / weight_decay / batch_size replace the ones above.
+    # schedule); its epochs / lr / momentum / weight_decay / batch_size replace the schedule's.
     recipe: str | None = None
+
+    def check(self) -> None:
+        require(self.kind in KINDS, "kind", f"one of {', '.join(KINDS)}", self.kind)
+        name = self.name or self.kind
+        require(re.fullmatch(r"[A-Za-z0-9_.-]+", name) and name not in (".", ".."), "name",
+                "a plain folder name (letters, digits, _ . -)", name)
+        require(self.recipe is None or self.kind in ("distilled", "subset"), "recipe",
+                "null unless kind is distilled or subset (a set file records recipes)", self.recipe)
 
 
 class Regressor(nn.Module):
@@ -104,73 +112,42 @@ class TrainingSet:
 # ----------------------------------------------------------------------------------------------
 # inputs
 # ----------------------------------------------------------------------------------------------
-def check_config(cfg: PretrainConfig) -> None:
-    if cfg.kind not in KINDS:
-        raise MkdtError(f"pretrain kind '{cfg.kind}' is unknown; choose one of {', '.join(KINDS)}")
-    if cfg.epochs < 0 or cfg.batch_size < 1:
-        raise MkdtError(f"pretrain epochs must be >= 0 and batch_size >= 1, got {cfg.epochs} and {cfg.batch_size}")
-    if cfg.lr is not None and not cfg.lr > 0:
-        raise MkdtError(f"pretrain lr must be positive (or null for the default), got {cfg.lr}")
-    name = cfg.name or cfg.kind
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
-        raise MkdtError(f"pretrain name '{name}' must be a plain folder name (letters, digits, _ . -)")
-
-
-def latest_distilled(out: Path) -> Path:
-    """``<out>/distill/distilled_<updates>.safetensors`` with the most updates."""
-    folder = out / "distill"
-    found = []
-    for p in folder.glob("distilled_*.safetensors"):
-        m = re.fullmatch(r"distilled_(\d+)\.safetensors", p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    if not found:
-        raise MkdtError(f"{folder}: no distilled_<updates>.safetensors found; run `mkdt distill` or set source=<file>")
-    return max(found)[1]
-
-
 def source_path(cfg: PretrainConfig) -> Path:
     if cfg.source:
         return Path(cfg.source)
-    out = Path(cfg.out)
-    if cfg.kind == "distilled":
-        return latest_distilled(out)
-    return out / "init" / "random.safetensors"
+    layout = RunLayout(cfg.out)
+    return layout.distilled() if cfg.kind == "distilled" else layout.init_set("random")
 
 
-def input_file(cfg: PretrainConfig) -> Path | None:
-    """The file the encoder is trained from (synthetic set or teacher targets); None for ``none``."""
+def targets_path(cfg: PretrainConfig) -> Path:
+    return Path(cfg.targets) if cfg.targets else RunLayout(cfg.out).targets
+
+
+def input_files(cfg: PretrainConfig) -> dict[str, Path | None]:
+    """The file the encoder is trained from (synthetic set or teacher targets); none for ``none``."""
     if cfg.kind in ("distilled", "subset", "ssl"):
-        return source_path(cfg)
+        return {"source": source_path(cfg)}
     if cfg.kind == "full":
-        return Path(cfg.targets) if cfg.targets else Path(cfg.out) / "targets" / "targets.safetensors"
-    return Path(cfg.source) if cfg.source else None
-
-
-def input_digest(cfg: PretrainConfig) -> str | None:
-    try:
-        path = input_file(cfg)
-    except MkdtError:
-        return None
-    return file_digest(path) if path is not None and path.is_file() else None
+        return {"targets": targets_path(cfg)}
+    return {"source": Path(cfg.source)} if cfg.source else {}
 
 
 def from_synthetic(cfg: PretrainConfig) -> TrainingSet:
     path = source_path(cfg)
     if not path.is_file():
         raise MkdtError(f"{path}: set file not found; create it (`mkdt init`, `mkdt distill`) or point "
-                        f"source=<file> at one, e.g. <out>/subsets/random.safetensors from `mkdt subset`")
+                        f"source=<file> at one, e.g. <out>/subsets/random/subset.safetensors from `mkdt subset`")
     syn: SyntheticSet = load_synthetic(path)
     if cfg.kind == "distilled":
-        if cfg.lr is not None:
-            lr = cfg.lr
+        if cfg.schedule.lr is not None:
+            lr = cfg.schedule.lr
         elif syn.lr is None:
             raise MkdtError(f"{path}: no learned lr stored; a distilled set must carry its lr "
                             f"(set lr=<value>, or use kind=subset for real subsets and sets without one, e.g. KRR-ST)")
         else:
             lr = syn.lr
     else:
-        lr = cfg.lr or DEFAULT_LR
+        lr = cfg.schedule.lr or DEFAULT_LR
     _, c, h, w = syn.images.shape
     if h != w:
         raise MkdtError(f"{path}: images are {h}x{w}; only square images are supported")
@@ -179,12 +156,12 @@ def from_synthetic(cfg: PretrainConfig) -> TrainingSet:
 
 
 def from_full(cfg: PretrainConfig) -> TrainingSet:
-    path = Path(cfg.targets) if cfg.targets else Path(cfg.out) / "targets" / "targets.safetensors"
+    path = targets_path(cfg)
     if not path.is_file():
         raise MkdtError(f"{path}: teacher targets not found; run `mkdt targets` or set targets=<file>")
     data = load_dataset(cfg.data)
     targets = load_targets(path, fingerprint=data.fingerprint(), count=len(data))
-    return TrainingSet(data.normalize(), targets.values, data.mean, data.std, cfg.lr or DEFAULT_LR, str(path),
+    return TrainingSet(data.normalize(), targets.values, data.mean, data.std, cfg.schedule.lr or DEFAULT_LR, str(path),
                        data.name, data.channels, data.resolution, data.fingerprint())
 
 
@@ -207,9 +184,6 @@ def with_recipe(cfg: PretrainConfig) -> PretrainConfig:
     """``cfg`` with the schedule of the recipe ``cfg.recipe`` stored in the source set's metadata."""
     if not cfg.recipe:
         return cfg
-    if cfg.kind not in ("distilled", "subset"):
-        raise MkdtError(f"pretrain recipe '{cfg.recipe}' needs kind distilled or subset (a set file that records "
-                        f"recipes), not kind {cfg.kind}")
     path = source_path(cfg)
     if not path.is_file():
         raise MkdtError(f"{path}: set file not found; it must exist to read its recipe '{cfg.recipe}'")
@@ -220,7 +194,9 @@ def with_recipe(cfg: PretrainConfig) -> PretrainConfig:
                         f"unset recipe or choose a recorded one")
     chosen = recipes[cfg.recipe]
     cast = {"epochs": int, "batch_size": int}
-    return dataclasses.replace(cfg, **{k: cast.get(k, float)(chosen[k]) for k in RECIPE_FIELDS if k in chosen})
+    schedule = dataclasses.replace(cfg.schedule, **{k: cast.get(k, float)(chosen[k]) for k in RECIPE_FIELDS
+                                                    if k in chosen})
+    return dataclasses.replace(cfg, schedule=schedule)
 
 
 def training_set(cfg: PretrainConfig) -> TrainingSet:
@@ -253,32 +229,27 @@ def build_encoder(cfg: PretrainConfig, channels: int, resolution: int, device: t
 # ----------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------
-def regress(cfg: PretrainConfig, encoder: nn.Module, ts: TrainingSet, stage: StageDir) -> list[float]:
+def regress(cfg: PretrainConfig, encoder: nn.Module, ts: TrainingSet, run: StageRun) -> list[float]:
     """MSE pre-training of encoder + head (the head is dropped by the caller)."""
     assert ts.images is not None and ts.targets is not None
     with seeded(derive_seed(cfg.seed, "pretrain", "head")):
         model = Regressor(encoder, ts.targets.shape[1])
     model.to(next(encoder.parameters()).device)
-    schedule = RegressionSchedule(cfg.epochs, ts.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size)
-    log_path = stage / "log.jsonl"
+    schedule = dataclasses.replace(cfg.schedule, lr=ts.lr)
+    log_path = run.path("log.jsonl")
     lines: list[str] = []
-    bar = tqdm(total=cfg.epochs, desc=f"pretrain {cfg.name or cfg.kind}", disable=None, leave=False)
+    with Progress(schedule.epochs, f"pretrain {run.folder.name}", unit="epoch") as bar:
+        def progress(epoch: int, loss: float) -> None:
+            lines.append(json.dumps({"epoch": epoch, "loss": loss, "lr": ts.lr}))
+            atomic_write_text(log_path, "\n".join(lines) + "\n")
+            bar.update(1, loss=loss)
 
-    def progress(epoch: int, loss: float) -> None:
-        lines.append(to_json({"epoch": epoch, "loss": loss, "lr": ts.lr}).replace("\n", " ").strip())
-        atomic_write_text(log_path, "\n".join(lines) + "\n")
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-
-    try:
         return train_regression(model, ts.images, ts.targets, schedule,
                                 generator(derive_seed(cfg.seed, "pretrain", "order")), progress=progress)
-    finally:
-        bar.close()
 
 
 def ssl_pretrain(cfg: PretrainConfig, encoder: nn.Module, ts: TrainingSet, device: torch.device,
-                 stage: StageDir) -> list[float]:
+                 run: StageRun) -> list[float]:
     """Barlow Twins on the subset's pixels with ``mkdt.ssl``'s trainer (resumable per epoch)."""
     try:
         from mkdt.ssl import AugmentConfig, BatchAugment, ObjectiveConfig, SSLSchedule, SSLTrainer
@@ -292,8 +263,8 @@ def ssl_pretrain(cfg: PretrainConfig, encoder: nn.Module, ts: TrainingSet, devic
                            weight_decay=s.weight_decay, lr_schedule=s.lr_schedule, warmup_epochs=s.warmup_epochs)
     trainer = SSLTrainer(encoder, objective, schedule, BatchAugment(AugmentConfig(), ts.mean, ts.std),
                          seed=derive_seed(cfg.seed, "pretrain", "ssl"), device=device)
-    history = trainer.fit(denormalised_uint8(ts), checkpoint=stage / "ssl_checkpoint.safetensors",
-                          identity=config_digest(to_dict(cfg)), log_path=stage / "log.jsonl")
+    history = trainer.fit(denormalised_uint8(ts), checkpoint=run.path("ssl_checkpoint.safetensors"),
+                          identity=run.key, log_path=run.path("log.jsonl"), desc=f"pretrain {run.folder.name}")
     return [float(r["loss"]) for r in history if "loss" in r]
 
 
@@ -315,37 +286,32 @@ def encoder_metadata(cfg: PretrainConfig, encoder: nn.Module, ts: TrainingSet, l
     }
 
 
-def pretrain(config: PretrainConfig) -> dict:
+def _pretrain(config: PretrainConfig, run: StageRun) -> dict[str, Any]:
     """Pre-train (or, for ``none``, just initialise) an encoder and save ``encoder.safetensors``."""
-    check_config(config)
-    name = config.name or config.kind
-    stage = StageDir(Path(config.out) / "pretrain" / name)
-    cfg_dict = to_dict(config)
-    digest = input_digest(config)
-    record = stage.record() if stage.is_done(cfg_dict) else None
-    if record and record.get("input_digest") == digest and (stage / "encoder.safetensors").is_file():
-        return record["result"]  # same config and same input file: nothing to do
-    device = resolve_device(config.device)
-    recorded = config
     config = with_recipe(config)
-    with Meter() as meter:
-        # Inputs and architecture are checked before anything is written.
-        ts = training_set(config)
-        encoder = build_encoder(config, ts.channels, ts.resolution, device)
-        stage.ensure().invalidate()
-        stage.save_config(recorded)
-        losses: list[float] = []
-        if config.kind == "ssl":
-            losses = ssl_pretrain(config, encoder, ts, device, stage)
-        elif config.kind != "none" and config.epochs > 0:
-            losses = regress(config, encoder, ts, stage)
-        meta = encoder_metadata(config, encoder, ts, losses)
-        path = stage / "encoder.safetensors"
-        save_tensors(path, encoder.state_dict(), meta)
-    result = {"encoder": str(path), "summary": {"name": name, "kind": config.kind, "source": ts.source,
-                                                 "lr": meta["lr"], "epochs": len(losses),
-                                                 "final_loss": meta["final_loss"], "encoder": str(path),
-                                                 **meter.as_dict()}, "losses": losses}
-    stage.finish(cfg_dict, result=result, input_digest=digest)
-    (stage / "ssl_checkpoint.safetensors").unlink(missing_ok=True)
-    return result
+    ts = training_set(config)
+    encoder = build_encoder(config, ts.channels, ts.resolution, run.device)
+    losses: list[float] = []
+    if config.kind == "ssl":
+        losses = ssl_pretrain(config, encoder, ts, run.device, run)
+    elif config.kind != "none":
+        losses = regress(config, encoder, ts, run)
+    meta = encoder_metadata(config, encoder, ts, losses)
+    meta["source"] = run.rel(ts.source) if not ts.source.startswith("data:") else ts.source
+    path = run.output("encoder", ENCODER_FILE)
+    save_tensors(path, encoder.state_dict(), meta)
+    run.path("ssl_checkpoint.safetensors").unlink(missing_ok=True)
+    return {"name": run.folder.name, "kind": config.kind, "source": meta["source"], "lr": meta["lr"],
+            "epochs": len(losses), "final_loss": meta["final_loss"], "encoder": run.rel(path), "losses": losses}
+
+
+STAGE = Stage(
+    "pretrain", PretrainConfig, _pretrain, "pre-train a fresh encoder on a distilled set or subset",
+    folder=lambda config, layout: layout.pretrain_dir(config.name or config.kind),
+    inputs=lambda config, layout: input_files(config), input_fields=("source", "targets"),
+)
+
+
+def pretrain(config: PretrainConfig) -> StageResult:
+    """``<out>/pretrain/<name>/encoder.safetensors``."""
+    return run_stage(STAGE, config)

@@ -1,4 +1,4 @@
-"""``mkdt probe``: linear-probe a frozen encoder on downstream sets with few labels (REFERENCE 6).
+"""``mkdt probe``: linear-probe a frozen encoder on downstream sets with few labels (the paper, Section 5).
 
 For every downstream set: the train and test splits are resized to the encoder's source resolution,
 converted to its channel count and normalised with the encoder's pre-training mean/std; features are
@@ -19,6 +19,7 @@ A probe that predicts one class for >= 90% of the test examples is flagged ``col
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -27,17 +28,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
-from mkdt.artifacts import RunDir, StageDir, load_json, save_json
-from mkdt.config import StageConfig, to_dict
+from mkdt.artifacts import load_json, save_json
+from mkdt.config import StageConfig, require, to_dict
 from mkdt.data import DataConfig, ImageSet, labelled_split, load_dataset
-from mkdt.distributed import (DistContext, barrier, broadcast_object, gather_records, init_distributed,
-                              progress_disabled, shard)
+from mkdt.distributed import DistContext, barrier, broadcast_object, gather_records, shard
+from mkdt.engine import Stage, StageResult, StageRun, run_stage
 from mkdt.errors import MkdtError
 from mkdt.evaluate.features import Encoder, adapt, cached_features, extract_features, load_encoder
 from mkdt.evaluate.logistic import fit_logistic
-from mkdt.runtime import Meter, derive_seed
+from mkdt.layout import RESULTS_FILE, RunLayout
+from mkdt.runtime import derive_seed
 
 PROTOCOLS = ("paper", "converged")
 SPLIT_MODE = {"paper": "uniform", "converged": "stratified"}
@@ -47,44 +48,43 @@ SPLIT_MODE = {"paper": "uniform", "converged": "stratified"}
 class ProbeConfig(StageConfig):
     """Encoder file, downstream sets and the probe protocols/fractions/seeds to run."""
 
-    encoder: str | None = None  # None = <out>/pretrain/<name>/encoder.safetensors
+    encoder: str | None = None  # the encoder file (default: the run's pretrain/<name>/encoder.safetensors)
     name: str | None = None  # results folder <out>/probe/<name>; default: the encoder's folder name
-    downstream: list[DataConfig] = dataclasses.field(default_factory=lambda: [DataConfig(name="digits")])
-    train_split: str = "train"
-    test_split: str = "test"
-    protocols: list[str] = dataclasses.field(default_factory=lambda: ["paper", "converged"])
-    percents: list[float] = dataclasses.field(default_factory=lambda: [1.0, 5.0, 10.0, 50.0])
-    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    downstream: list[DataConfig] = dataclasses.field(default_factory=lambda: [DataConfig(name="digits")])  # sets
+    train_split: str = "train"  # the split the labelled subsets are drawn from
+    test_split: str = "test"  # the split accuracy is measured on
+    protocols: list[str] = dataclasses.field(default_factory=lambda: ["paper", "converged"])  # see the module doc
+    percents: list[float] = dataclasses.field(default_factory=lambda: [1.0, 5.0, 10.0, 50.0])  # labelled %
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])  # one labelled subset each
     reg: float = 1e-3  # L2 weight on ||W||^2 added to the mean cross-entropy
-    paper_iterations: int = 20
-    converged_max_iterations: int = 2000
+    paper_iterations: int = 20  # LBFGS iterations of the paper protocol
+    converged_max_iterations: int = 2000  # LBFGS iteration cap of the converged protocol
     converged_tolerance: float = 1e-5  # max |gradient entry| at convergence
-    feature_batch_size: int = 512
-    collapse_threshold: float = 0.9
+    feature_batch_size: int = 512  # encoding batch size (no effect on the results)
+    collapse_threshold: float = 0.9  # flag a probe predicting one class for this share of the test set
+
+    def check(self) -> None:
+        require(self.protocols and all(p in PROTOCOLS for p in self.protocols), "protocols",
+                f"a non-empty list of {', '.join(PROTOCOLS)}", self.protocols)
+        require(self.percents and all(0 < p <= 100 for p in self.percents), "percents",
+                "a non-empty list of numbers in (0, 100]", self.percents)
+        require(self.seeds, "seeds", "a non-empty list", self.seeds)
+        require(self.downstream, "downstream", "a non-empty list of data sets", self.downstream)
+        require(self.reg >= 0, "reg", ">= 0", self.reg)
+        require(self.paper_iterations >= 1, "paper_iterations", "at least 1", self.paper_iterations)
+        require(self.converged_max_iterations >= 1, "converged_max_iterations", "at least 1",
+                self.converged_max_iterations)
+        require(0 < self.collapse_threshold <= 1, "collapse_threshold", "in (0, 1]", self.collapse_threshold)
+        require(self.feature_batch_size >= 1, "feature_batch_size", "at least 1", self.feature_batch_size)
 
 
 # ----------------------------------------------------------------------------------------------
-# config checks and names
+# names
 # ----------------------------------------------------------------------------------------------
-def check_config(cfg: ProbeConfig) -> None:
-    bad = [p for p in cfg.protocols if p not in PROTOCOLS]
-    if bad or not cfg.protocols:
-        raise MkdtError(f"probe protocols must be a non-empty list of {', '.join(PROTOCOLS)}, got {cfg.protocols}")
-    for p in cfg.percents:
-        if not 0 < p <= 100:
-            raise MkdtError(f"probe percents must be in (0, 100], got {p}")
-    if not cfg.percents or not cfg.seeds or not cfg.downstream:
-        raise MkdtError("probe needs at least one downstream set, percent and seed")
-    if cfg.reg < 0 or cfg.paper_iterations < 1 or cfg.converged_max_iterations < 1:
-        raise MkdtError("probe reg must be >= 0 and the iteration counts >= 1")
-    if not 0 < cfg.collapse_threshold <= 1:
-        raise MkdtError(f"probe collapse_threshold must be in (0, 1], got {cfg.collapse_threshold}")
-
-
-def encoder_path(cfg: ProbeConfig) -> Path:
+def encoder_path(cfg: Any) -> Path:
     if cfg.encoder:
         return Path(cfg.encoder)
-    return Path(cfg.out) / "pretrain" / (cfg.name or "distilled") / "encoder.safetensors"
+    return RunLayout(cfg.out).encoder(cfg.name or "distilled")
 
 
 def probe_name(cfg: ProbeConfig, path: Path) -> str:
@@ -152,11 +152,11 @@ def load_split_set(cfg: DataConfig, split: str, encoder: Encoder) -> ImageSet:
     return adapt(data, encoder.in_channels, encoder.resolution)
 
 
-def split_features(cfg: ProbeConfig, data_cfg: DataConfig, split: str, encoder: Encoder, stage: StageDir,
+def split_features(cfg: ProbeConfig, data_cfg: DataConfig, split: str, encoder: Encoder, cache: Path,
                    labelled_only: bool = False) -> Split:
-    """Features of a split; with ``labelled_only`` (the train split) only of the images some labelled
-    subset of ``cfg`` uses, when those are under half of the split (a 1% / 5% probe of CIFAR-10 then
-    encodes ~6,000 of the 50,000 training images)."""
+    """Features of a split, cached in the folder ``cache``; with ``labelled_only`` (the train split) only of
+    the images some labelled subset of ``cfg`` uses, when those are under half of the split (a 1% / 5%
+    probe of CIFAR-10 then encodes ~6,000 of the 50,000 training images)."""
     data = load_split_set(data_cfg, split, encoder)
     assert data.labels is not None
     rows = labelled_rows(cfg, data.labels) if labelled_only else None
@@ -167,7 +167,7 @@ def split_features(cfg: ProbeConfig, data_cfg: DataConfig, split: str, encoder: 
         return extract_features(encoder.model, data.images[indices], encoder.mean, encoder.std,
                                 batch_size=cfg.feature_batch_size, desc=f"features {data.name}")
 
-    feats, _ = cached_features(stage / "features", encoder.digest, data, compute, rows)
+    feats, _ = cached_features(cache, encoder.digest, data, compute, rows)
     return Split(feats, data.labels, rows)
 
 
@@ -261,64 +261,50 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # the stage
 # ----------------------------------------------------------------------------------------------
-def _read_partial(path: Path, digest: str, cfg_dict: dict) -> dict[str, dict]:
-    try:
-        data = load_json(path)
-    except MkdtError:
-        return {}
-    if data.get("encoder_digest") != digest or data.get("config") != cfg_dict:
-        return {}
-    return dict(data.get("runs", {}))
-
-
-def partial_files(stage: StageDir) -> list[Path]:
+def partial_files(folder: Path) -> list[Path]:
     """``partial.json`` (merged) and ``partial-rank<k>.json`` (one per rank of a torchrun launch)."""
-    return [p for p in [stage / "partial.json", *sorted(stage.path.glob("partial-rank*.json"))] if p.is_file()]
+    return [p for p in [folder / "partial.json", *sorted(folder.glob("partial-rank*.json"))] if p.is_file()]
 
 
-def load_partial(stage: StageDir, digest: str, cfg_dict: dict) -> dict[str, dict]:
-    """Finished evaluations of an interrupted run (same encoder file and config), keyed by run key.
-
-    Runs recorded by any rank of an earlier launch count, whatever its number of processes: the
-    per-rank files are merged into ``partial.json`` (written before they are removed).
-    """
+def load_done(run: StageRun) -> dict[str, dict]:
+    """Finished jobs of this stage identity, keyed by job key: the runs of the previous result (when the
+    stage is extended with more seeds/percents/sets) and of an interrupted run (``partial*.json``, the
+    per-rank files of a torchrun launch merged into ``partial.json`` before they are removed)."""
     done: dict[str, dict] = {}
-    files = partial_files(stage)
+    results = run.path(RESULTS_FILE)
+    if run.resumed and results.is_file():
+        with contextlib.suppress(MkdtError):
+            previous = load_json(results)
+            if isinstance(previous, dict) and previous.get("identity") == run.key:
+                done.update(previous.get("jobs", {}))
+    files = partial_files(run.folder)
     for path in files:
-        done.update(_read_partial(path, digest, cfg_dict))
+        with contextlib.suppress(MkdtError):
+            data = load_json(path)
+            if isinstance(data, dict) and data.get("identity") == run.key:
+                done.update(data.get("runs", {}))
     rank_files = [p for p in files if p.name != "partial.json"]
     if rank_files:
-        save_json(stage / "partial.json", {"encoder_digest": digest, "config": cfg_dict, "runs": done})
+        save_json(run.path("partial.json"), {"identity": run.key, "runs": done})
         for path in rank_files:
             path.unlink(missing_ok=True)
     return done
 
 
-def save_partial(stage: StageDir, ctx: DistContext, digest: str, cfg_dict: dict, done: dict[str, dict],
-                 new: dict[str, dict]) -> None:
+def save_partial(run: StageRun, done: dict[str, dict], new: dict[str, dict]) -> None:
     """One process: everything in ``partial.json``; under torchrun: this rank's new runs in its own file."""
-    if ctx.distributed:
-        save_json(stage / f"partial-rank{ctx.rank}.json", {"encoder_digest": digest, "config": cfg_dict, "runs": new})
+    if run.dist.distributed:
+        save_json(run.path(f"partial-rank{run.dist.rank}.json"), {"identity": run.key, "runs": new})
     else:
-        save_json(stage / "partial.json", {"encoder_digest": digest, "config": cfg_dict, "runs": {**done, **new}})
+        save_json(run.path("partial.json"), {"identity": run.key, "runs": {**done, **new}})
 
 
-def remove_partial(stage: StageDir) -> None:
-    for path in partial_files(stage):
+def remove_partial(folder: Path) -> None:
+    for path in partial_files(folder):
         path.unlink(missing_ok=True)
 
 
-def previous_results(stage: StageDir, cfg_dict: dict, digest: str, ctx: DistContext) -> dict | None:
-    """The recorded results of a finished identical run (decided by rank 0, shared with every rank)."""
-    results = None
-    if ctx.is_main:
-        record = stage.record() if stage.is_done(cfg_dict) else None
-        if record and record.get("encoder_digest") == digest and (stage / "results.json").is_file():
-            results = load_json(stage / "results.json")
-    return broadcast_object(results, ctx)
-
-
-def prepare_features(config: ProbeConfig, pending: list[str], encoder: Encoder, stage: StageDir,
+def prepare_features(config: ProbeConfig, pending: list[str], encoder: Encoder, cache: Path,
                      ctx: DistContext) -> None:
     """Under torchrun, rank 0 loads (or downloads) each pending set and writes its feature cache first;
     the others wait, then read the complete, atomically written files instead of racing to write them."""
@@ -327,77 +313,86 @@ def prepare_features(config: ProbeConfig, pending: list[str], encoder: Encoder, 
     if ctx.is_main:
         for label, data_cfg in zip(unique_labels(list(config.downstream)), config.downstream):
             if label in pending:
-                split_features(config, data_cfg, config.train_split, encoder, stage, labelled_only=True)
-                split_features(config, data_cfg, config.test_split, encoder, stage)
+                split_features(config, data_cfg, config.train_split, encoder, cache, labelled_only=True)
+                split_features(config, data_cfg, config.test_split, encoder, cache)
     barrier(ctx)
 
 
-def probe(config: ProbeConfig) -> dict:
+def _probe(config: ProbeConfig, run: StageRun) -> dict[str, Any]:
     """Probe one encoder on every downstream set / protocol / percent / seed; writes ``results.json``.
 
     Launched by torchrun, the (set, protocol, percent, seed) jobs are shared round-robin between the
     ranks and gathered to rank 0, which alone writes; every job's numbers depend only on its own
-    seeds, so they equal a one-process run's.
+    seeds, so they equal a one-process run's. Extended with more seeds / percents / sets, only the new
+    jobs run.
     """
-    check_config(config)
-    ctx = init_distributed(config.device)
+    ctx = run.dist
     path = encoder_path(config)
-    device = ctx.device
-    encoder = load_encoder(path, device)
-    name = probe_name(config, path)
-    stage = RunDir(config.out).stage(f"probe/{name}")
-    cfg_dict = to_dict(config)
-    finished = previous_results(stage, cfg_dict, encoder.digest, ctx)
-    if finished is not None:
-        return finished
+    encoder = load_encoder(path, ctx.device)
+    # outside the stage folder, so a probe with other settings (kept versions) reuses the features
+    cache = run.layout.feature_cache(run.folder.name)
     done: dict[str, dict] = {}
     if ctx.is_main:
-        stage.invalidate()
-        stage.save_config(config)
-        for stale in (stage / "features").glob("*.safetensors"):  # features of an earlier encoder under this name
+        for stale in cache.glob("*.safetensors"):  # features of an earlier encoder under this name
             if not stale.name.startswith(encoder.digest + "_"):
                 stale.unlink()
-        done = load_partial(stage, encoder.digest, cfg_dict)
+        done = load_done(run)
     done = broadcast_object(done, ctx)
     labels = unique_labels(list(config.downstream))
     jobs = [(lab, p, q, s) for lab in labels for p in config.protocols for q in config.percents for s in config.seeds
             if run_key(lab, p, q, s) not in done]
     mine = shard(jobs, ctx)
-    bar = tqdm(total=len(mine), desc=f"probe {name}", disable=progress_disabled(ctx), leave=False)
     new: dict[str, dict] = {}
-    with Meter() as meter:
-        prepare_features(config, sorted({job[0] for job in jobs}), encoder, stage, ctx)
+    with run.progress(len(mine), f"probe {run.folder.name}", unit="fit") as bar:
+        prepare_features(config, sorted({job[0] for job in jobs}), encoder, cache, ctx)
         for label, data_cfg in zip(labels, config.downstream):
             todo = [job for job in mine if job[0] == label]
             if not todo:
                 continue
-            train = split_features(config, data_cfg, config.train_split, encoder, stage, labelled_only=True)
-            test = split_features(config, data_cfg, config.test_split, encoder, stage)
+            train = split_features(config, data_cfg, config.train_split, encoder, cache, labelled_only=True)
+            test = split_features(config, data_cfg, config.test_split, encoder, cache)
             num_classes = int(max(train.labels.max(), test.labels.max())) + 1
             for _, protocol, percent, seed in todo:
-                run = evaluate_one(config, train, test, num_classes, protocol, percent, seed, device)
-                new[run_key(label, protocol, percent, seed)] = {"downstream": label, **run}
-                save_partial(stage, ctx, encoder.digest, cfg_dict, done, new)
-                bar.update(1)
-        done.update(gather_records(new, ctx))
-    bar.close()
-    results = None
-    if ctx.is_main:
-        runs = [done[run_key(lab, p, q, s)] for lab in labels for p in config.protocols for q in config.percents
-                for s in config.seeds]
-        results = {
-            "name": name, "encoder": str(path), "encoder_digest": encoder.digest,
-            "encoder_meta": encoder.meta,
-            "downstream": {lab: to_dict(c) for lab, c in zip(labels, config.downstream)},
-            "protocols": protocol_descriptions(config), "percents": [float(p) for p in config.percents],
-            "seeds": list(config.seeds), "std_ddof": 1, "runs": runs, "summary": summarise(runs),
-            "measure": {**meter.as_dict(), "world_size": ctx.world_size},
-        }
-        save_json(stage / "results.json", results)
-        stage.finish(cfg_dict, encoder_digest=encoder.digest, results=str(stage / "results.json"),
-                     world_size=ctx.world_size)
-        remove_partial(stage)
-    return broadcast_object(results, ctx)
+                result = evaluate_one(config, train, test, num_classes, protocol, percent, seed, ctx.device)
+                new[run_key(label, protocol, percent, seed)] = {"downstream": label, **result}
+                save_partial(run, done, new)
+                bar.update(1, accuracy=result.get("accuracy"))
+    done.update(gather_records(new, ctx))
+    if not ctx.is_main:
+        return {}
+    keys = [run_key(lab, p, q, s) for lab in labels for p in config.protocols for q in config.percents
+            for s in config.seeds]
+    runs = [done[k] for k in keys]
+    results = {
+        "name": run.folder.name, "encoder": run.rel(path), "encoder_digest": encoder.digest,
+        "encoder_meta": encoder.meta,
+        "downstream": {lab: to_dict(c) for lab, c in zip(labels, config.downstream)},
+        "protocols": protocol_descriptions(config), "percents": [float(p) for p in config.percents],
+        "seeds": list(config.seeds), "std_ddof": 1, "runs": runs, "summary": summarise(runs),
+        "identity": run.key, "jobs": {k: done[k] for k in keys},
+    }
+    save_json(run.output("results", RESULTS_FILE), results)
+    remove_partial(run.folder)
+    return {"name": run.folder.name, "results": run.rel(run.path(RESULTS_FILE)), "summary": results["summary"]}
+
+
+STAGE = Stage(
+    "probe", ProbeConfig, _probe, "linear-probe an encoder on downstream sets",
+    folder=lambda config, layout: layout.probe_dir(probe_name(config, encoder_path(config))),
+    inputs=lambda config, layout: {"encoder": encoder_path(config)}, input_fields=("encoder",),
+    runtime=("feature_batch_size",), units=("downstream", "protocols", "percents", "seeds"),
+    extends=lambda old, new: True, torchrun=True,
+)
+
+
+def probe(config: ProbeConfig) -> StageResult:
+    """Probe one encoder; ``<out>/probe/<name>/results.json``."""
+    return run_stage(STAGE, config)
+
+
+def probe_results(result: StageResult) -> dict[str, Any]:
+    """The ``results.json`` a probe (or fine-tuning) stage recorded."""
+    return load_json(result.output("results"))
 
 
 def combine_probe_results(paths: list[Path], dest: Path, name: str) -> dict:

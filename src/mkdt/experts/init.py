@@ -1,7 +1,7 @@
 """``mkdt init``: the initial synthetic set — high-loss real images (MKDT) or a random subset (ablation).
 
-REFERENCE.md section 1.4: every real example's MSE to its teacher target under each expert's epoch-1
-parameters, averaged over the experts; the k examples with the highest mean loss (not class
+Paper, Section 4 (initialisation): every real example's MSE to its teacher target under each expert's
+epoch-1 parameters, averaged over the experts; the k examples with the highest mean loss (not class
 balanced) become the initial set, together with their teacher targets. Hard examples carry the most
 trajectory information early on, which is why they start the distillation.
 
@@ -19,49 +19,57 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from mkdt.artifacts import (RunDir, StageDir, TensorSpec, load_tensors, read_metadata, save_tensors)
-from mkdt.config import StageConfig, to_dict
+from mkdt.artifacts import JsonLog, TensorSpec, load_tensors, read_metadata, save_tensors
+from mkdt.config import StageConfig, require
 from mkdt.data import DataConfig
 from mkdt.data.imageset import ImageSet
+from mkdt.engine import Stage, StageResult, StageRun, recorded_outputs, run_stage
 from mkdt.errors import MkdtError
-from mkdt.experts.common import (JsonLog, input_path, load_source, resolve_size, same_numbers, tensor_digest,
-                                 torch_threads)
 from mkdt.formats import SyntheticSet, load_trajectory, save_synthetic
+from mkdt.inputs import load_source, resolve_size, same_numbers, tensor_digest
+from mkdt.layout import RunLayout
 from mkdt.models import ModelConfig, build_model
 from mkdt.models.functional import ParamLayout, functional_forward
-from mkdt.runtime import Meter, derive_seed, generator, resolve_device, seeded
+from mkdt.progress import Progress
+from mkdt.runtime import derive_seed, generator, seeded
 
-STAGE = "init"
 EXPERT_GLOB = "expert_*.safetensors"
 PARTIAL_FILE = "losses_partial.safetensors"
-LOSSES_FILE = "losses.safetensors"
+KINDS = ("high_loss", "random")
 
 
 @dataclass
 class InitConfig(StageConfig):
     """Initial-set selection: ``size`` < 1 is a fraction of the data, >= 1 a count of images."""
 
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # the source set (as the experts saw it)
     model: ModelConfig = field(default_factory=ModelConfig)  # the experts' student architecture
-    size: float = 0.02
-    epoch: int = 1  # the expert epoch whose parameters score the examples (REFERENCE: 1)
-    num_experts: int | None = None  # the first N experts of the folder (None = all)
-    experts_dir: str | None = None  # default <out>/experts
-    targets: str | None = None  # default <out>/targets/targets.safetensors
+    size: float = 0.02  # the synthetic set's size: a fraction (< 1) of the data or a count (>= 1)
+    epoch: int = 1  # the expert epoch whose parameters score the examples (the paper: 1)
+    num_experts: int | None = None  # score with the first N experts of the folder (null: all)
+    experts_dir: str | None = None  # the experts (default: the run's experts/)
+    targets: str | None = None  # the teacher targets (default: the run's targets/targets.safetensors)
     batch_size: int = 1024  # evaluation batch (no effect on the result)
-    threads: int = 0
+    threads: int = 0  # torch intra-op threads (0 = torch default)
 
-    def __post_init__(self) -> None:
-        if self.epoch < 0:
-            raise MkdtError(f"init config 'epoch' must be >= 0, got {self.epoch}")
-        if self.num_experts is not None and self.num_experts < 1:
-            raise MkdtError(f"init config 'num_experts' must be at least 1 or null (all), got {self.num_experts}")
-        if self.batch_size < 1:
-            raise MkdtError(f"init config 'batch_size' must be at least 1, got {self.batch_size}")
-        if not isinstance(self.size, (int, float)) or not self.size > 0:
-            raise MkdtError(f"init config 'size' must be a fraction (< 1) or a count (>= 1), got {self.size!r}")
+    def check(self) -> None:
+        require(self.epoch >= 0, "epoch", ">= 0", self.epoch)
+        require(self.num_experts is None or self.num_experts >= 1, "num_experts", "at least 1 or null (all)",
+                self.num_experts)
+        require(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
+        require(self.size > 0, "size", "a fraction (< 1) or a count (>= 1)", self.size)
+        require(self.size < 1 or float(self.size).is_integer(), "size", "a fraction (< 1) or a whole count",
+                self.size)
+        require(self.threads >= 0, "threads", ">= 0 (0 = torch default)", self.threads)
+
+
+def experts_path(config: InitConfig) -> Path:
+    return Path(config.experts_dir) if config.experts_dir else RunLayout(config.out).experts_dir()
+
+
+def targets_path(config: InitConfig) -> Path:
+    return Path(config.targets) if config.targets else RunLayout(config.out).targets
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,11 +91,10 @@ def per_example_loss(module: nn.Module, layout: ParamLayout, flat: torch.Tensor,
 
 
 def expert_files(folder: Path, count: int | None) -> list[Path]:
-    """The expert files of a finished experts stage (the first ``count`` of them, or all)."""
-    if not (folder / "stage.json").is_file():
-        raise MkdtError(f"{folder}: the experts stage has not finished (no stage.json); run `mkdt experts` "
-                        f"first or set experts_dir to a finished experts folder")
-    files = sorted(folder.glob(EXPERT_GLOB))
+    """The expert files of an experts folder (the first ``count`` of them, or all)."""
+    files = recorded_outputs(folder, "expert_")
+    if files is None:
+        files = sorted(folder.glob(EXPERT_GLOB)) if folder.is_dir() else []
     if not files:
         raise MkdtError(f"{folder}: no {EXPERT_GLOB} files; run `mkdt experts` first")
     if count is not None:
@@ -115,9 +122,9 @@ def _identity(files: list[Path]) -> list[list[str]]:
     return [[p.name, str(read_metadata(p).get("settings_digest", ""))] for p in files]
 
 
-def _load_partial(stage: StageDir, key: dict[str, Any], n: int) -> torch.Tensor:
+def _load_partial(folder: Path, key: dict[str, Any], n: int) -> torch.Tensor:
     """Loss rows already computed for a prefix of the same experts (0 x N if none)."""
-    path = stage / PARTIAL_FILE
+    path = folder / PARTIAL_FILE
     empty = torch.zeros(0, n)
     if not path.is_file():
         return empty
@@ -135,15 +142,15 @@ def _load_partial(stage: StageDir, key: dict[str, Any], n: int) -> torch.Tensor:
 
 
 def score_experts(files: list[Path], module: nn.Module, layout: ParamLayout, data: ImageSet, fingerprint: str,
-                  images: torch.Tensor, targets: torch.Tensor, config: InitConfig, stage: StageDir,
-                  log: JsonLog) -> torch.Tensor:
+                  images: torch.Tensor, targets: torch.Tensor, config: InitConfig, folder: Path,
+                  log: JsonLog, enabled: bool = True) -> torch.Tensor:
     """E x N per-example losses under each expert's ``config.epoch`` parameters (resumable per expert)."""
     for path in files:
         _check_expert_meta(path, read_metadata(path), data, fingerprint, int(targets.shape[1]))
     key = {"experts": _identity(files), "epoch": config.epoch, "fingerprint": fingerprint,
            "targets_digest": tensor_digest(targets)}
-    rows = list(_load_partial(stage, key, len(images)))
-    with tqdm(total=len(files), initial=len(rows), desc="init: scoring", unit="expert", disable=None) as bar:
+    rows = list(_load_partial(folder, key, len(images)))
+    with Progress(len(files), "init: scoring", initial=len(rows), unit="expert", enabled=enabled) as bar:
         for i in range(len(rows), len(files)):
             t0 = time.perf_counter()
             traj = load_trajectory(files[i], layout=layout)
@@ -152,11 +159,11 @@ def score_experts(files: list[Path], module: nn.Module, layout: ParamLayout, dat
                 raise MkdtError(f"{files[i]}: non-finite losses at epoch {config.epoch}; the expert is broken, "
                                 f"retrain it")
             rows.append(losses)
-            save_tensors(stage / PARTIAL_FILE, {"losses": torch.stack(rows)},
+            save_tensors(folder / PARTIAL_FILE, {"losses": torch.stack(rows)},
                          {**key, "experts": key["experts"][:len(rows)]})
             log.write(expert=files[i].name, epoch=config.epoch, mean_loss=float(losses.mean()),
                       seconds=round(time.perf_counter() - t0, 3))
-            bar.update(1)
+            bar.update(1, mean_loss=float(losses.mean()))
     return torch.stack(rows)
 
 
@@ -189,50 +196,51 @@ def _save_set(path: Path, data: ImageSet, targets: torch.Tensor, idx: torch.Tens
     return {**info, "path": str(path)}
 
 
-def select_initial_set(config: InitConfig) -> dict:
-    """Stage ``init``: write the high-loss and the random initial sets (with indices and teacher targets)."""
-    cfg_dict = to_dict(config)
-    stage = RunDir(config.out).stage(STAGE)
-    if stage.is_done(cfg_dict):
-        record = stage.record() or {}
-        return {"summary": record.get("summary", {}), "stage": str(stage.path), "skipped": True}
-    stage.invalidate()
-    stage.save_config(config)
-    device = resolve_device(config.device)
-    with torch_threads(config.threads), Meter() as meter:
-        targets_path = input_path(config.targets, config.out, "targets", "targets.safetensors")
-        data, targets, fingerprint = load_source(config.data, targets_path)
-        k = resolve_size(config.size, len(data), "init size")
-        files = expert_files(input_path(config.experts_dir, config.out, "experts"), config.num_experts)
-        with seeded(0):
-            module = build_model(config.model, in_channels=data.channels, resolution=data.resolution,
-                                 head_dim=targets.dim).to(device).eval()
-        layout = ParamLayout.of(module)
-        losses = score_experts(files, module, layout, data, fingerprint, data.normalize(), targets.values, config,
-                               stage, JsonLog(stage / "log.jsonl"))
-        mean_loss = losses.mean(dim=0)
-        extra = {"data_name": data.name, "fingerprint": fingerprint, "size": config.size, "seed": config.seed,
-                 "experts": len(files), "epoch": config.epoch}
-        save_tensors(stage / LOSSES_FILE, {"losses": losses, "mean_loss": mean_loss},
-                     {**extra, "experts": [p.name for p in files]})
-        high = highest(mean_loss, k)
-        sets = {
-            "high_loss": _save_set(stage / "high_loss.safetensors", data, targets.values, high, mean_loss,
-                                   "high_loss", extra),
-            "random": _save_set(stage / "random.safetensors", data, targets.values,
-                                random_subset(len(data), k, config.seed), mean_loss, "random", extra),
-        }
+def _select(config: InitConfig, run: StageRun) -> dict[str, Any]:
+    """Write the high-loss and the random initial sets (with indices and teacher targets)."""
+    data, targets = load_source(config.data, targets_path(config))
+    fingerprint = data.fingerprint()
+    k = resolve_size(config.size, len(data), "init size")
+    files = expert_files(experts_path(config), config.num_experts)
+    with seeded(0):
+        module = build_model(config.model, in_channels=data.channels, resolution=data.resolution,
+                             head_dim=targets.dim).to(run.device).eval()
+    layout = ParamLayout.of(module)
+    losses = score_experts(files, module, layout, data, fingerprint, data.normalize(), targets.values, config,
+                           run.folder, JsonLog(run.path("log.jsonl")))
+    mean_loss = losses.mean(dim=0)
+    extra = {"data_name": data.name, "fingerprint": fingerprint, "size": config.size, "seed": config.seed,
+             "experts": len(files), "epoch": config.epoch}
+    save_tensors(run.output("losses", "losses.safetensors"), {"losses": losses, "mean_loss": mean_loss},
+                 {**extra, "experts": [p.name for p in files]})
+    high = highest(mean_loss, k)
+    chosen = {"high_loss": high, "random": random_subset(len(data), k, config.seed)}
+    sets = {kind: _save_set(run.output(kind, f"{kind}.safetensors"), data, targets.values, idx, mean_loss, kind,
+                            extra) for kind, idx in chosen.items()}
+    for info in sets.values():
+        info["path"] = run.rel(info["path"])
     rest = torch.ones(len(data), dtype=torch.bool)
     rest[high] = False
-    summary = {
+    run.path(PARTIAL_FILE).unlink(missing_ok=True)
+    return {
         "count": k, "fraction": round(k / len(data), 6), "images": len(data), "experts": len(files),
         "epoch": config.epoch, "mean_loss_all": float(mean_loss.mean()),
         "mean_loss_high_loss": sets["high_loss"]["mean_loss_selected"],
         "mean_loss_random": sets["random"]["mean_loss_selected"],
         "lowest_selected_loss": float(mean_loss[high].min()),
         "highest_unselected_loss": float(mean_loss[rest].max()) if rest.any() else None,
-        "sets": sets, "device": str(device), **meter.as_dict(),
+        "sets": sets,
     }
-    (stage / PARTIAL_FILE).unlink(missing_ok=True)
-    stage.finish(cfg_dict, summary=summary)
-    return {"summary": summary, "stage": str(stage.path)}
+
+
+STAGE = Stage(
+    "init", InitConfig, _select, "choose the initial synthetic set (high-loss or random)",
+    folder=lambda config, layout: layout.init_dir,
+    inputs=lambda config, layout: {"experts": experts_path(config), "targets": targets_path(config)},
+    input_fields=("experts_dir", "targets"), runtime=("batch_size",),
+)
+
+
+def select_initial_set(config: InitConfig) -> StageResult:
+    """Stage ``init``: ``<out>/init/high_loss.safetensors`` and ``<out>/init/random.safetensors``."""
+    return run_stage(STAGE, config)

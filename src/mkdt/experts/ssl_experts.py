@@ -1,4 +1,4 @@
-"""MTT-SSL experts (REFERENCE 2, "MTT-SSL (naive)"): student trajectories trained with the SSL loss itself.
+"""MTT-SSL experts (the paper, Section 4.1: "MTT-SSL (naive)"): student trajectories trained with the SSL loss itself.
 
 The paper's negative result: trajectory matching exactly as MKDT, but each expert is the student backbone
 (``experts.model`` without a head) plus an SSL projector trained with Barlow Twins (or SimCLR) on two
@@ -50,7 +50,6 @@ def describe(config: Any) -> tuple[ImageSet, ParamLayout, dict[str, Any]]:
     No targets: an SSL expert never reads them. The settings (and so ``settings_digest``) include
     ``objective: ssl`` and the SSL settings, so KD and SSL experts are never mixed on resume.
     """
-    config.ssl.check()
     data = load_dataset(config.data)
     probe = build_student(config.model, config.ssl, data.channels, data.resolution, seed=0)
     layout = ParamLayout.of(probe)
@@ -58,8 +57,9 @@ def describe(config: Any) -> tuple[ImageSet, ParamLayout, dict[str, Any]]:
         "objective": "ssl", "ssl": config.ssl.to_meta(), "model": config.model.to_dict(),
         "in_channels": data.channels, "resolution": data.resolution, "seed": config.seed,
         "fingerprint": data.fingerprint(), "mean": list(data.mean), "std": list(data.std),
-        "lr": config.lr, "momentum": config.momentum, "weight_decay": config.weight_decay,
-        "batch_size": config.batch_size, "trained_epochs": config.trained_epochs,
+        "lr": config.schedule.lr, "momentum": config.schedule.momentum,
+        "weight_decay": config.schedule.weight_decay, "batch_size": config.schedule.batch_size,
+        "trained_epochs": config.trained_epochs,
         "stored_epochs": list(range(config.trained_epochs + 1)),
     }
     return data, layout, settings

@@ -22,6 +22,14 @@ class ModelConfig:
     norm: str = "instancenorm"
     pool: str = "avgpool"
 
+    def check(self) -> None:
+        from mkdt.config import require
+
+        require(self.name in MODELS, "name", f"one of {', '.join(available_models())}", self.name,
+                "or register your own with mkdt.models.register_model")
+        require(self.width is None or self.width >= 1, "width", "at least 1 or null", self.width)
+        require(self.depth >= 1, "depth", "at least 1", self.depth)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -52,6 +60,22 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet10": _resnet("resnet10"),
     "resnet18": _resnet("resnet18"),
 }
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: make ``builder(cfg, in_channels, resolution, head_dim) -> nn.Module`` a model name.
+
+    The module must provide ``features(x)`` (flattened penultimate features), ``feature_dim``,
+    ``out_dim`` and ``head`` (``None`` without a head), as the built-in models do.
+    """
+    def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        existing = MODELS.get(name)
+        if existing is not None and existing is not builder:
+            raise ValueError(f"model '{name}' is already registered")
+        MODELS[name] = builder
+        return builder
+
+    return decorate
 
 
 def available_models() -> list[str]:

@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from mkdt.config import require, validate
 from mkdt.errors import MkdtError
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
@@ -52,19 +53,14 @@ class AugmentConfig:
 
     def check(self) -> None:
         lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise MkdtError(f"augment.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
-        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
-            raise MkdtError(f"augment.crop_ratio must satisfy 0 < low <= high, got {self.crop_ratio}")
+        require(0 < lo <= hi <= 1, "crop_scale", "(low, high) with 0 < low <= high <= 1", self.crop_scale)
+        require(0 < self.crop_ratio[0] <= self.crop_ratio[1], "crop_ratio", "(low, high) with 0 < low <= high",
+                self.crop_ratio)
         for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
-            p = getattr(self, name)
-            if not 0 <= p <= 1:
-                raise MkdtError(f"augment.{name} is a probability, got {p}; use a value in [0, 1]")
-        if not 0 <= self.hue <= 0.5:
-            raise MkdtError(f"augment.hue must be in [0, 0.5], got {self.hue}")
+            require(0 <= getattr(self, name) <= 1, name, "a probability in [0, 1]", getattr(self, name))
+        require(0 <= self.hue <= 0.5, "hue", "in [0, 0.5]", self.hue)
         for name in ("brightness", "contrast", "saturation"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise MkdtError(f"augment.{name} must be in [0, 1], got {getattr(self, name)}")
+            require(0 <= getattr(self, name) <= 1, name, "in [0, 1]", getattr(self, name))
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
@@ -190,7 +186,7 @@ class BatchAugment:
     """Callable: uint8 batch -> augmented float batch normalised with the set's mean/std."""
 
     def __init__(self, config: AugmentConfig, mean: Sequence[float], std: Sequence[float]):
-        config.check()
+        validate(config, "augment.")
         self.config = config
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)

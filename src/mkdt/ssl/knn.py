@@ -18,18 +18,23 @@ from mkdt.data.imageset import normalize
 
 @torch.no_grad()
 def encode(model: nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float], *,
-           batch_size: int = 512, device: str | torch.device = "cpu", progress: bool | None = False) -> torch.Tensor:
-    """``model.features`` of uint8 images (eval mode, no augmentation, normalised), float32 on the CPU."""
-    from tqdm import tqdm
+           batch_size: int = 512, device: str | torch.device = "cpu", progress: str | None = None) -> torch.Tensor:
+    """``model.features`` of uint8 images (eval mode, no augmentation, normalised), float32 on the CPU.
+
+    ``progress``: a name to report progress under (``None``: silent)."""
+    from mkdt.progress import Progress
 
     was_training = model.training
     model.eval()
     layout = _memory_format(model)
     out = []
+    chunks = images.split(batch_size)
     try:
-        for chunk in tqdm(images.split(batch_size), desc="encode", disable=None if progress else True, leave=False):
-            x = normalize(chunk.to(device, non_blocking=True), mean, std).contiguous(memory_format=layout)
-            out.append(model.features(x).float().cpu())
+        with Progress(len(chunks), progress or "encode", unit="batch", enabled=progress is not None) as bar:
+            for chunk in chunks:
+                x = normalize(chunk.to(device, non_blocking=True), mean, std).contiguous(memory_format=layout)
+                out.append(model.features(x).float().cpu())
+                bar.update(1)
     finally:
         model.train(was_training)
     if not out:

@@ -2,7 +2,7 @@
 
 lightly's ``BarlowTwinsLoss`` computes ``sum_i (1 - C_ii)^2 + lambda_param * sum_{i != j} C_ij^2`` on
 the cross-correlation ``C`` of the batch-standardised projections, so ``lambda_param`` is exactly the
-off-diagonal weight of REFERENCE (1/128, the mix-bt value). Projectors follow REFERENCE: Barlow
+off-diagonal weight of the paper's recipe (1/128, the mix-bt value). Projectors follow the paper's recipe: Barlow
 Twins Linear(no bias)-BN-ReLU-Linear to 1024 with a 512 hidden layer (mix-bt's CIFAR head); SimCLR
 Linear-BN-ReLU-Linear-BN to 128.
 
@@ -30,6 +30,7 @@ from lightly.loss import BarlowTwinsLoss, NTXentLoss
 from lightly.models.modules.heads import ProjectionHead, SimCLRProjectionHead
 from torch import nn
 
+from mkdt.config import require, validate
 from mkdt.errors import MkdtError
 
 OBJECTIVES = ("barlow_twins", "simclr")
@@ -51,14 +52,11 @@ class ObjectiveConfig:
     projector_layers: int = 2
 
     def check(self) -> None:
-        if self.name not in OBJECTIVES:
-            raise MkdtError(f"unknown objective.name '{self.name}'; choose one of {', '.join(OBJECTIVES)}")
-        if self.temperature <= 0:
-            raise MkdtError(f"objective.temperature must be positive, got {self.temperature}")
-        if self.lambda_offdiag < 0:
-            raise MkdtError(f"objective.lambda_offdiag must be >= 0, got {self.lambda_offdiag}")
-        if not isinstance(self.projector_layers, int) or self.projector_layers < 1:
-            raise MkdtError(f"objective.projector_layers must be an integer >= 1, got {self.projector_layers!r}")
+        require(self.name in OBJECTIVES, "name", f"one of {', '.join(OBJECTIVES)}", self.name)
+        require(self.temperature > 0, "temperature", "positive", self.temperature)
+        require(self.lambda_offdiag >= 0, "lambda_offdiag", ">= 0", self.lambda_offdiag)
+        require(isinstance(self.projector_layers, int) and self.projector_layers >= 1, "projector_layers",
+                "an integer >= 1", self.projector_layers)
 
     def projector_dims(self) -> tuple[int, int]:
         hidden, out = DEFAULT_PROJECTOR[self.name]
@@ -67,7 +65,7 @@ class ObjectiveConfig:
 
 def build_projector(config: ObjectiveConfig, feature_dim: int) -> nn.Module:
     """The projection head that sits between the representation and the loss (discarded afterwards)."""
-    config.check()
+    validate(config, "objective.")
     hidden, out = config.projector_dims()
     if config.name == "barlow_twins":
         widths = [feature_dim] + [hidden] * (config.projector_layers - 1)
@@ -82,7 +80,7 @@ class SSLLoss(nn.Module):
 
     def __init__(self, config: ObjectiveConfig, global_batch: bool = False):
         super().__init__()
-        config.check()
+        validate(config, "objective.")
         self.name = config.name
         self.global_batch = global_batch
         if config.name == "barlow_twins":

@@ -27,10 +27,6 @@ class SslExpertSettings:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
-    def check(self) -> None:
-        self.objective.check()
-        self.augment.check()
-
     def to_meta(self) -> dict[str, Any]:
         return to_dict(self)
 

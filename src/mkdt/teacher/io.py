@@ -14,7 +14,6 @@ name.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,12 +21,11 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from mkdt.artifacts import atomic_write_text, load_state_file, load_tensors, read_metadata, save_tensors
+from mkdt.artifacts import atomic_write_text, file_sha256, load_state_file, load_tensors, read_metadata, save_tensors
 from mkdt.errors import MkdtError
 from mkdt.models import ModelConfig, build_model
 
 PathLike = str | os.PathLike
-TEACHER_FILE = "teacher.safetensors"
 REQUIRED_META = ("model", "in_channels", "resolution", "feature_dim")
 # Wrapper prefixes stripped from the front of keys (repeatedly).
 PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.", "model.", "net.", "f.")
@@ -43,14 +41,6 @@ LIST_LIMIT = 6
 # ----------------------------------------------------------------------------------------------
 # sha256 side files
 # ----------------------------------------------------------------------------------------------
-def file_sha256(path: PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_sha256(path: PathLike) -> str:
     """Write ``<path>.sha256`` in ``sha256sum`` format; returns the digest."""
     path = Path(path)
