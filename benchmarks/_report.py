@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -14,6 +15,23 @@ RESULTS_DIR = ROOT / "benchmarks" / "results"
 RESULTS_MD = ROOT / "docs" / "RESULTS.md"
 
 
+def portable(value: Any) -> Any:
+    """Absolute paths of this machine (in strings, lists and mappings) as paths relative to the repository,
+    e.g. ``/…/shared/data/x.tar.gz`` -> ``../shared/data/x.tar.gz``: committed figures name no machine."""
+    if isinstance(value, str):
+        def rel(token: str) -> str:
+            if token.startswith("/") and len(token) > 1:
+                return os.path.relpath(token, ROOT)
+            key, sep, rest = token.partition("=")  # key=/abs/path
+            return f"{key}={rel(rest)}" if sep and rest.startswith("/") else token
+        return " ".join(rel(t) for t in value.split(" "))
+    if isinstance(value, list):
+        return [portable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    return value
+
+
 def command_line(argv: list[str] | None = None) -> str:
     """The command that produced the figures, as a user would type it from the project root."""
     args = sys.argv[1:] if argv is None else argv
@@ -22,7 +40,7 @@ def command_line(argv: list[str] | None = None) -> str:
         script = script.resolve().relative_to(ROOT)
     except ValueError:
         pass
-    return " ".join(shlex.quote(a) for a in ["python", str(script), *args])
+    return portable(" ".join(shlex.quote(a) for a in ["python", str(script), *args]))
 
 
 def now() -> str:
@@ -43,7 +61,7 @@ def write_results_json(name: str, payload: dict[str, Any]) -> Path:
         raise ValueError(f"benchmark results for {name} lack {missing}: every figure needs its command and date")
     path = results_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_json(path, payload)
+    save_json(path, portable(payload))
     return path
 
 
@@ -59,7 +77,7 @@ def replace_section(name: str, markdown: str, path: Path = RESULTS_MD) -> None:
     from mkdt.artifacts import atomic_write_text
 
     start, end = section_markers(name)
-    text = f"{start}\n{markdown.strip()}\n{end}"
+    text = f"{start}\n{portable(markdown.strip())}\n{end}"
     current = path.read_text("utf-8") if path.is_file() else "# Results\n"
     if start in current and end in current:
         head, rest = current.split(start, 1)

@@ -57,8 +57,8 @@ QUICK = [
     "experts.num_experts=1", "experts.keep_epochs=2", "init.epoch=1", "init.num_experts=1", "distill.iterations=3",
     "distill.max_start_epoch=1", "distill.expert_epochs=1", "distill.syn_steps=2", "distill.checkpoint_every=2",
     "distill.validation_experts=0",
-    "krr_st.iterations=3", "krr_st.pool_size=2", "krr_st.max_online_steps=3", "pretrain.epochs=1",
-    "pretrain/full.epochs=1", "probe.seeds=[0]", "probe.percents=[5]", "probe.converged_max_iterations=50",
+    "krr_st.iterations=3", "krr_st.pool_size=2", "krr_st.max_online_steps=3", "pretrain.schedule.epochs=1",
+    "pretrain/full.schedule.epochs=1", "probe.seeds=[0]", "probe.percents=[5]", "probe.converged_max_iterations=50",
 ]
 
 
@@ -200,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from mkdt.pipeline import run_pipeline
+    from mkdt.progress import setup_logging
 
+    setup_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
     command, date = _report.command_line(argv), _report.now()

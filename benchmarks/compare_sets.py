@@ -21,6 +21,7 @@ from pathlib import Path
 import _report
 
 from mkdt.config import resolve
+from mkdt.progress import setup_logging
 from mkdt.evaluate import (PretrainConfig, ProbeConfig, combine_probe_results, markdown_table, pretrain, probe,
                            results_table)
 
@@ -70,18 +71,19 @@ def evaluate_set(name: str, kind: str, path: Path, args: argparse.Namespace) -> 
     for seed in args.seeds:
         run = f"{name}_seed{seed}"
         common = {"out": str(out), "seed": seed, "device": args.device, "name": run}
-        pretrain(resolve(PretrainConfig, preset="cifar10-cpu", section="pretrain",
-                         values={**common, "kind": kind, "source": str(path)}))
-        probe(resolve(ProbeConfig, preset="cifar10-cpu", section="probe",
-                      values={**common, "encoder": str(out / "pretrain" / run / "encoder.safetensors"),
-                              "seeds": [seed], "percents": [1.0, 5.0],
-                              "downstream": [{"name": "imagefolder", "root": str(Path(args.data).resolve())}]}))
-        parts.append(out / "probe" / run / "results.json")
+        encoder = pretrain(resolve(PretrainConfig, preset="cifar10-cpu", section="pretrain",
+                                   values={**common, "kind": kind, "source": str(path)})).outputs["encoder"]
+        result = probe(resolve(ProbeConfig, preset="cifar10-cpu", section="probe",
+                               values={**common, "encoder": str(encoder), "seeds": [seed], "percents": [1.0, 5.0],
+                                       "downstream": [{"name": "imagefolder",
+                                                       "root": str(Path(args.data).resolve())}]}))
+        parts.append(result.outputs["results"])
     return combine_probe_results(parts, out / "probe" / name / "results.json", name)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    setup_logging()
     if args.threads:
         import torch
 

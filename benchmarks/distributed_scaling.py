@@ -110,9 +110,10 @@ def measure_experts(root: Path, processes: int, sizes: dict, data_cfg: dict) -> 
     config = write_config(root / f"experts-p{processes}.yaml", "experts",
                           {"data": data_cfg, "num_experts": sizes["experts"]})
     wall = torchrun(processes, "experts", config, out)
-    summary = json.loads((out / "experts" / "stage.json").read_text("utf-8"))["summary"]
-    stage_seconds = summary["seconds"]
-    return {"stage": "experts", "processes": processes, "world_size": summary["world_size"],
+    record = json.loads((out / "experts" / "stage.json").read_text("utf-8"))
+    summary = record["summary"]
+    stage_seconds = record["measure"]["seconds"]
+    return {"stage": "experts", "processes": processes, "world_size": record["world_size"],
             "experts": sizes["experts"], "images": sizes["images"], "epochs_trained": summary["trained_epochs"],
             "stage_seconds": round(stage_seconds, 2), "process_wall_seconds": round(wall, 2),
             "experts_per_hour": round(3600 * sizes["experts"] / stage_seconds, 1),
@@ -123,18 +124,20 @@ def measure_experts(root: Path, processes: int, sizes: dict, data_cfg: dict) -> 
 def measure_distill(root: Path, processes: int, sizes: dict, init: Path, experts: Path) -> dict:
     out = root / f"distill-p{processes}"
     values = {"init": str(init), "experts_dir": str(experts), "iterations": sizes["iterations"],
-              "checkpoint_every": sizes["iterations"], "grid_images": 16}
+              "checkpoint_every": sizes["iterations"], "grid_images": 16,
+              "trajectories": processes}  # each process matches one trajectory per update
     values.update({k: sizes[k] for k in ("syn_steps", "batch_syn") if sizes[k] is not None})
     config = write_config(root / f"distill-p{processes}.yaml", "distill", values)
     wall = torchrun(processes, "distill", config, out)
-    summary = json.loads((out / "distill" / "stage.json").read_text("utf-8"))["summary"]
+    record = json.loads((out / "distill" / "stage.json").read_text("utf-8"))
+    summary = record["summary"]
     rows = [json.loads(line) for line in (out / "distill" / "log.jsonl").read_text("utf-8").splitlines()]
     timed = [r["seconds"] for r in rows[1:]] or [r["seconds"] for r in rows]
     per_iteration = statistics.mean(timed)
-    return {"stage": "distill", "processes": processes, "world_size": summary["world_size"],
+    return {"stage": "distill", "processes": processes, "world_size": record["world_size"],
             "iterations": len(rows), "trajectories_per_iteration": summary["trajectories_per_update"],
             "syn_images": sizes["syn_images"], "seconds_per_iteration": round(per_iteration, 3),
-            "iteration_seconds": timed, "stage_seconds": summary["seconds_this_session"],
+            "iteration_seconds": timed, "stage_seconds": record["measure"]["seconds"],
             "process_wall_seconds": round(wall, 2),
             "iterations_per_minute": round(60 / per_iteration, 2),
             "trajectories_per_minute": round(60 * summary["trajectories_per_update"] / per_iteration, 2),

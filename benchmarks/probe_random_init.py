@@ -27,7 +27,8 @@ import torch
 from mkdt.artifacts import atomic_write_text, environment_info, save_json
 from mkdt.data import DataConfig
 from mkdt.models import ModelConfig
-from mkdt.evaluate import PretrainConfig, ProbeConfig, markdown_table, pretrain, probe, results_table
+from mkdt.evaluate import (PretrainConfig, ProbeConfig, markdown_table, pretrain, probe, probe_results,
+                           results_table)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_JSON = ROOT / "benchmarks" / "results" / "probe_random_init.json"
@@ -51,7 +52,7 @@ def encoder_for(args: argparse.Namespace, cifar: DataConfig | None) -> str:
     data = cifar if cifar is not None else DataConfig(name="digits", resolution=32, channels=3)
     model = ModelConfig(name="convnet", depth=3, width=128, norm="instancenorm", pool="avgpool")
     cfg = PretrainConfig(kind="none", name="random_init", out=args.out, device=args.device, data=data, model=model)
-    return pretrain(cfg)["encoder"]
+    return str(pretrain(cfg).outputs["encoder"])
 
 
 def stats_source(record: dict) -> str:
@@ -123,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     encoder = encoder_for(args, cifar)
     seeds = [int(s) for s in args.seeds.split(",")]
     percents = [float(p) for p in args.percents.split(",")]
-    results = probe(ProbeConfig(out=args.out, encoder=encoder, name="random_init", downstream=downstream,
-                                percents=percents, seeds=seeds, device=args.device))
+    results = probe_results(probe(ProbeConfig(out=args.out, encoder=encoder, name="random_init",
+                                              downstream=downstream, percents=percents, seeds=seeds,
+                                              device=args.device)))
     rows = results_table({"random init": results})
     table = markdown_table(rows)
     record = {

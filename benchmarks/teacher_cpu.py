@@ -114,7 +114,7 @@ def train(config: Any) -> dict[str, Any]:
     history = [json.loads(line) for line in (stage / LOG_FILE).read_text().splitlines() if line.strip()]
     epochs = [r for r in history if r["epoch"] > 0]
     teacher = stage / "teacher.safetensors"
-    summary = result.get("summary", {})
+    summary = result.summary
     train_s = sum(r["seconds"] for r in epochs)
     monitor_s = sum(r.get("monitor_seconds", 0.0) for r in epochs)
     return {

@@ -141,9 +141,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              unit="iterations", seed=args.seed, device=args.device, out=str(out / name),
                              **{objective: optim})
         res = analyze_variance(cfg)  # a finished recipe is re-used, not re-run
-        report = json.loads(Path(res["path"]).read_text())
+        report = json.loads(res.outputs["report"].read_text())
         results[name] = {"objective": objective, "optimizer": dataclasses.asdict(optim),
-                         "stage_seconds": report["seconds"], "stage_peak_mb": report["peak_mb"],
+                         "stage_seconds": res.measure.get("seconds"), "stage_peak_mb": res.measure.get("peak_mb"),
                          **report["objectives"][objective]}
         print(f"{name}: variance {results[name]['encoder']['variance']} normalized "
               f"{results[name]['encoder']['normalized']}", flush=True)

@@ -2,7 +2,8 @@ import dataclasses
 
 import pytest
 
-from mkdt.config import StageConfig, describe, dump_yaml, field_docs, from_dict, parse_override, require, resolve, to_dict
+from mkdt.config import (StageConfig, describe, dump_yaml, field_docs, from_dict, parse_override, require, resolve,
+                         to_dict)
 from mkdt.data import DataConfig
 from mkdt.errors import ConfigError, MkdtError
 from mkdt.models import ModelConfig
@@ -102,3 +103,14 @@ def test_out_at_a_file_and_bad_device_are_refused(tmp_path):
         resolve(ToyConfig, values={"out": str(afile)})
     with pytest.raises(ConfigError, match="device must be auto, cpu, cuda or cuda:N"):
         resolve(ToyConfig, values={"device": "gpu"})
+
+
+def test_a_partial_nested_section_changes_only_what_it_names():
+    """A mapping for a nested config updates the field's default (what --help shows), not the class defaults."""
+    from mkdt.evaluate import PretrainConfig
+    from mkdt.teacher import TeacherConfig
+
+    teacher = resolve(TeacherConfig, values={"model": {"width": 32}})
+    assert (teacher.model.name, teacher.model.width, teacher.model.norm) == ("resnet18", 32, "batchnorm")
+    pre = resolve(PretrainConfig, values={"schedule": {"epochs": 3}})
+    assert pre.schedule.epochs == 3 and pre.schedule.lr is None  # still the set's learned lr

@@ -155,50 +155,56 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.command:
-        parser.print_help()
-        return 2
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)  # first: a SIGTERM while importing is handled too
+    command = "mkdt"
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return 2
+        command = args.command
+        return _dispatch(args)
+    except MkdtError as exc:
+        print(f"mkdt {command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:  # a file-system failure outside the artifact writer: still one line
+        where = exc.filename or "file system"
+        print(f"mkdt {command}: error: {where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        where = "mkdt" if command == "mkdt" else f"mkdt {command}"
+        print(f"{where}: {how}; finished work is kept, re-run the same command to resume", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     from mkdt.progress import setup_logging
 
     rank = int(os.environ.get("RANK", "0") or 0)
     level = logging.WARNING if getattr(args, "quiet", False) else (
         logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
     setup_logging(level, rank=rank)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        keep = getattr(args, "keep_versions", None)
-        if keep is not None:
-            if keep < 0:
-                raise ConfigError(f"--keep-versions must be >= 0, got {keep}")
-            os.environ["MKDT_KEEP_VERSIONS"] = str(keep)
-        threads = getattr(args, "threads", None)
-        if threads is not None:
-            if threads < 1:
-                raise ConfigError(f"--threads must be >= 1, got {threads}")
-            import torch
+    keep = getattr(args, "keep_versions", None)
+    if keep is not None:
+        if keep < 0:
+            raise ConfigError(f"--keep-versions must be >= 0, got {keep}")
+        os.environ["MKDT_KEEP_VERSIONS"] = str(keep)
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {threads}")
+        import torch
 
-            torch.set_num_threads(threads)
-        if args.command == "list":
-            return _list()
-        if args.command in RUN_COMMANDS:
-            return _run(args)
-        return _stage(args)
-    except MkdtError as exc:
-        print(f"mkdt {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except OSError as exc:  # a file-system failure outside the artifact writer: still one line
-        where = exc.filename or "file system"
-        print(f"mkdt {args.command}: error: {where}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as exc:
-        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        print(f"mkdt {args.command}: {how}; finished work is kept, re-run the same command to resume",
-              file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        torch.set_num_threads(threads)
+    if args.command == "list":
+        return _list()
+    if args.command in RUN_COMMANDS:
+        return _run(args)
+    return _stage(args)
 
 
 if __name__ == "__main__":

@@ -173,11 +173,28 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         moved = [p for p in nested if p.endswith("." + key)]  # e.g. batch_size -> schedule.batch_size
         hint = f" (did you mean '{prefix}{moved[0]}'?)" if moved else did_you_mean(key, names)
         raise ConfigError(f"unknown config key '{prefix}{key}'{hint}; valid keys here: {', '.join(names)}")
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    defaults = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {k: _coerce(_onto_default(defaults[k], v), hints[k], prefix + k) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{prefix or cls.__name__}: {exc}") from None
+
+
+def _onto_default(f: dataclasses.Field, value: Any) -> Any:
+    """A mapping given for a nested config updates that field's default (what ``--help`` shows), e.g.
+    ``teacher: {model: {width: 32}}`` keeps the teacher's default ResNet-18 and changes its width only."""
+    if not isinstance(value, Mapping):
+        return value
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        default = f.default_factory()  # type: ignore[misc]
+    elif f.default is not dataclasses.MISSING:
+        default = f.default
+    else:
+        return value
+    if not (dataclasses.is_dataclass(default) and not isinstance(default, type)):
+        return value
+    return merge(to_dict(default), value)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -289,8 +289,3 @@ def main_process_only(fn: Callable[..., T]) -> Callable[..., T | None]:
         return fn(*args, **kwargs) if is_main_process() else None
 
     return wrapper
-
-
-def progress_disabled(ctx: DistContext) -> bool | None:
-    """tqdm's ``disable``: automatic on rank 0 (hidden without a TTY), always hidden on other ranks."""
-    return None if ctx.is_main else True

@@ -28,11 +28,9 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import re
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -40,7 +38,7 @@ from typing import Any, Callable, Mapping
 from mkdt.artifacts import atomic_write_text, environment_info, file_sha256, load_json, remove_orphans, save_json
 from mkdt.config import dump_yaml, to_dict, validate
 from mkdt.distributed import DistContext, barrier, broadcast_object, init_distributed
-from mkdt.errors import ArtifactIOError, ConfigError, MkdtError, io_error
+from mkdt.errors import ConfigError, MkdtError, io_error
 from mkdt.layout import STAGE_RECORD, CONFIG_FILE, RunLayout
 from mkdt.progress import Progress, log, log_to_file
 from mkdt.runtime import Meter, resolve_device, torch_threads

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mkdt.artifacts import atomic_write_text, load_json
+from mkdt.layout import RunLayout
 
 
 def _image_tag(path: Path, caption: str) -> str:
@@ -24,10 +25,10 @@ def _image_tag(path: Path, caption: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
-def probe_results(out: Path, methods: list[str]) -> dict[str, Any]:
+def probe_results(layout: RunLayout, methods: list[str]) -> dict[str, Any]:
     results = {}
     for method in methods:
-        path = out / "probe" / method / "results.json"
+        path = layout.probe_results(method)
         if path.is_file():
             results[method] = load_json(path)
     return results
@@ -59,16 +60,16 @@ def write_report(out: str | Path, state: Mapping[str, Any]) -> dict[str, Path]:
     from mkdt.evaluate import markdown_table, results_table, write_tables
 
     out = Path(out)
+    layout = RunLayout(out)
     methods = list(state.get("methods", []))
-    results = probe_results(out, methods)
+    results = probe_results(layout, methods)
     table_md = "(no probe results)"
     if results:
         rows = results_table(results)
         table_md = markdown_table(rows, [m for m in methods if m in results])
-        write_tables(results, out / "report_files")
-    distill = out / "distill"
-    record = load_json(distill / "stage.json") if (distill / "stage.json").is_file() else {}
-    summary = record.get("summary", {})
+        write_tables(results, layout.report_files)
+    distill = layout.distill_dir()
+    summary = (state.get("steps", {}).get("distill") or {}).get("summary", {})
     lr = summary.get("final_lr")
     change = summary.get("mean_abs_pixel_change")
     facts = [f"learned inner lr: {lr:.4g}" if isinstance(lr, (int, float)) else "learned inner lr: n/a",
@@ -97,7 +98,7 @@ def write_report(out: str | Path, state: Mapping[str, Any]) -> dict[str, Path]:
             "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}.row{display:flex;gap:2em}"
             "img{max-width:500px;image-rendering:pixelated}</style></head><body>" + body + "</body></html>\n")
-    paths = {"html": out / "report.html", "markdown": out / "report.md"}
+    paths = {"html": layout.report_html, "markdown": layout.report_md}
     atomic_write_text(paths["html"], page)
     atomic_write_text(paths["markdown"], md)
     return paths

@@ -10,7 +10,7 @@ import torch
 
 from mkdt.config import from_dict, resolve, validate
 from mkdt.data import load_dataset
-from mkdt.errors import ConfigError, MkdtError
+from mkdt.errors import ConfigError
 from mkdt.experts import ExpertsConfig, train_experts
 from mkdt.ssl.student import SslExpertSettings, build_student
 from mkdt.experts.trajectories import init_seed, order_seed

@@ -270,8 +270,7 @@ def _trajectory(config: VarianceConfig, run: StageRun, objective: str, k: int, s
                 inputs: _Inputs, stops: list[int], device: torch.device, log: JsonLog) -> dict[str, Any]:
     """Run (or load, if already on disk for these settings) trajectory ``k`` of ``objective``."""
     path = run.path(f"{objective}_{k:03d}.safetensors")
-    key = _resume_key(config, objective)
-    if path.is_file() and read_metadata(path).get("resume_key") == key:
+    if path.is_file() and read_metadata(path).get("identity") == run.key:  # finished by an interrupted run
         tensors = load_tensors(path)
         meta = read_metadata(path)
         return {"encoder": tensors["encoder"], "extra": tensors["extra"], "init_extra": tensors["init_extra"],
@@ -293,19 +292,9 @@ def _trajectory(config: VarianceConfig, run: StageRun, objective: str, k: int, s
                                                       stops, gen, loss_fn, progress=lambda it, loss: bar.update(1))
     seconds = round(time.perf_counter() - t0, 3)
     save_tensors(path, {"encoder": encoder, "extra": extra_snaps, "init_extra": init_extra},
-                 {"resume_key": key, "losses": losses, "stops": stops, "seconds": seconds})
+                 {"identity": run.key, "losses": losses, "stops": stops, "seconds": seconds})
     log.write(objective=objective, trajectory=k, stops=stops, losses=losses, seconds=seconds)
     return {"encoder": encoder, "extra": extra_snaps, "init_extra": init_extra, "losses": losses, "seconds": seconds}
-
-
-def _resume_key(config: VarianceConfig, objective: str) -> dict[str, Any]:
-    """Settings that determine a trajectory file's content."""
-    cfg = to_dict(config)
-    keep = ("seed", "data", "targets", "max_images", "model", "lengths", "unit", objective)
-    key = {k: cfg[k] for k in keep}
-    if objective == "ssl":
-        key.update(objective_cfg=cfg["objective"], augment=cfg["augment"])
-    return key
 
 
 def _summarise(config: VarianceConfig, objective: str, runs: list[dict], init_encoder: torch.Tensor,

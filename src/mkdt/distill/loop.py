@@ -455,7 +455,6 @@ def _write_outputs(config: DistillConfig, setup: Setup, state: DistillState, run
     head = losses[: max(1, min(10, len(losses)))]
     tail = losses[-max(1, min(10, len(losses))):]
     return {
-        "file": name,
         "iterations": state.iteration,
         "updates_applied": state.iteration - state.skipped,
         "skipped": state.skipped,

@@ -34,7 +34,7 @@ from mkdt.distill.experts import ExpertBank, check_objective, expert_files
 from mkdt.errors import MkdtError
 from mkdt.ssl.student import SSLStudent, SslExpertSettings, build_student, sample_views, two_view_loss
 from mkdt.models import ModelConfig
-from mkdt.models.functional import ParamLayout, functional_forward
+from mkdt.models.functional import functional_forward
 from mkdt.runtime import derive_seed, generator
 from mkdt.ssl.augment import BatchAugment
 from mkdt.ssl.objectives import build_loss

@@ -1,4 +1,5 @@
-"""Evaluation (the paper's Section 5 protocol): pre-train an encoder on a set, linear-probe it, fine-tune it, tabulate results."""
+"""Evaluation (the paper's Section 5 protocol): pre-train an encoder on a set, linear-probe it, fine-tune it,
+tabulate results."""
 
 from mkdt.evaluate.finetuning import FinetuneConfig, finetune
 from mkdt.evaluate.logistic import fit_logistic, sklearn_equivalent_c

@@ -3,8 +3,8 @@
 The paper's evaluation (Section 5): encoder + linear head to the target dimension, MSE to the set's
 targets for 20 epochs with SGD (momentum 0.9, weight decay 1e-4, batch 256) through
 :func:`mkdt.training.train_regression` (the same loop the experts use); the lr is the learned one for a
-distilled set and 0.1 otherwise. The head is discarded and the encoder's state dict saved with everything the probe needs to use it correctly
-(architecture, input shape, the pre-training normalisation).
+distilled set and 0.1 otherwise. The head is discarded and the encoder's state dict saved with everything
+the probe needs to use it correctly (architecture, input shape, the pre-training normalisation).
 
 Kinds: ``distilled`` / ``subset`` (a ``save_synthetic`` file), ``full`` (source data + teacher targets,
 the upper bound), ``ssl`` (Barlow Twins on a real subset, through ``mkdt.ssl`` when installed) and
@@ -56,6 +56,13 @@ class SslSettings:
 
 
 @dataclasses.dataclass
+class PretrainSchedule(RegressionSchedule):
+    """The KD schedule of pre-training; its lr defaults to the set's own (learned) lr."""
+
+    lr: float | None = None  # null: the distilled set's learned lr, or 0.1 for real subsets and full data
+
+
+@dataclasses.dataclass
 class PretrainConfig(StageConfig):
     """What to pre-train on (``kind`` + ``source``/``data``/``targets``), the encoder and the schedule."""
 
@@ -65,8 +72,7 @@ class PretrainConfig(StageConfig):
     data: DataConfig = dataclasses.field(default_factory=DataConfig)  # the source data (kinds full and none)
     targets: str | None = None  # full: the teacher targets (default: the run's targets/targets.safetensors)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # the encoder
-    # SGD schedule; lr null: the set's learned lr (distilled) or 0.1
-    schedule: RegressionSchedule = dataclasses.field(default_factory=lambda: RegressionSchedule(lr=None))
+    schedule: PretrainSchedule = dataclasses.field(default_factory=PretrainSchedule)  # SGD schedule
     ssl: SslSettings = dataclasses.field(default_factory=SslSettings)  # kind=ssl only
     # A pre-training recipe recorded in the set file's metadata (e.g. krr_st: KRR-ST's own 1000-epoch
     # schedule); its epochs / lr / momentum / weight_decay / batch_size replace the schedule's.

@@ -4,4 +4,5 @@ from mkdt.models.convnet import ConvNet
 from mkdt.models.registry import ModelConfig, available_models, build_model, count_parameters, register_model
 from mkdt.models.resnet import CifarResNet
 
-__all__ = ["ConvNet", "CifarResNet", "ModelConfig", "available_models", "build_model", "count_parameters", "register_model"]
+__all__ = ["ConvNet", "CifarResNet", "ModelConfig", "available_models", "build_model", "count_parameters",
+           "register_model"]

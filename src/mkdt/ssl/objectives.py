@@ -31,7 +31,6 @@ from lightly.models.modules.heads import ProjectionHead, SimCLRProjectionHead
 from torch import nn
 
 from mkdt.config import require, validate
-from mkdt.errors import MkdtError
 
 OBJECTIVES = ("barlow_twins", "simclr")
 # (hidden, output) widths of the projector when the config leaves them unset.
