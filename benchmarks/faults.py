@@ -46,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         kills = json.loads(kill_report.read_text()) if kill_report.is_file() else {}
     killed = [c for c in cases if c[0].startswith("test_killed_runs")]
     bad = [c for c in cases if not c[0].startswith(("test_killed_runs", "test_sigterm"))]
-    payload = {"command": command, "date": date, "load_average_before": round(load, 2), "seconds": round(seconds, 1),
-               "kills": kills.get("kills"), "kills_identical": bool(killed) and killed[0][1] == "pass",
+    payload = {"command": command, "date": date, "load_average_before": round(load, 2),
+               "seconds": round(seconds, 1),
+               "kills": kills.get("kills"), "kill_points": kills.get("kill_points"),
+               "kills_identical": bool(killed) and killed[0][1] == "pass",
                "files_compared": kills.get("files_compared"), "tensors_compared": kills.get("tensors_compared"),
                "orphan_temp_files": kills.get("orphan_temp_files"),
                "bad_inputs": len(bad), "bad_inputs_one_line": sum(1 for _, r in bad if r == "pass"),
@@ -55,10 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["## Fault injection (`benchmarks/faults.py`)", "",
              f"Command: `{command}` — {date}, load average {payload['load_average_before']} before, "
              f"{payload['seconds']} s.", "",
-             f"- SIGKILL at {payload['kills']} random points of one tiny digits pipeline (each restart resuming from "
-             f"what the kill left): final tensors identical to an uninterrupted run: "
-             f"{'yes' if payload['kills_identical'] else 'NO'} ({payload['files_compared']} files, "
-             f"{payload['tensors_compared']} tensors); orphan temporary files left: {payload['orphan_temp_files']}.",
+             f"- SIGKILL of a tiny digits pipeline at {payload['kills']} points spread over every stage (each in its "
+             f"own run folder, the next run resuming from what the kill left): every result tensor identical to an "
+             f"uninterrupted run's: {'yes' if payload['kills_identical'] else 'NO'} ({payload['files_compared']} "
+             f"files, {payload['tensors_compared']} tensors each time); orphan temporary files left: "
+             f"{payload['orphan_temp_files']}.",
              f"- Bad inputs with one line naming the file or key, a non-zero exit and no finished work lost: "
              f"{payload['bad_inputs_one_line']}/{payload['bad_inputs']} (tests/test_faults.py; the config and I/O "
              f"cases of tests/test_cli.py, tests/test_pipeline.py and tests/test_artifacts.py add more).", "",

@@ -296,11 +296,25 @@ def read_preset(name: str, section: str | None = None) -> dict:
                           f"available: {', '.join(available_presets())}")
     tree: dict = {}
     for f in files:
-        doc = yaml.safe_load(f.read_text("utf-8")) or {}
+        doc = _preset_document(f)
         if section and f.parent.name == section:
             doc = {section: doc}
         tree = merge(tree, doc)
     return tree
+
+
+def _preset_document(path: Any, seen: tuple[str, ...] = ()) -> dict:
+    """One preset file; ``extends: <name>`` at its top merges it over the file of that name beside it (so
+    ``cifar10-5pct`` states only what differs from ``cifar10-2pct``)."""
+    doc = yaml.safe_load(path.read_text("utf-8")) or {}
+    base = doc.pop("extends", None)
+    if base is None:
+        return doc
+    parent = path.parent / f"{base}.yaml"
+    if base in seen or not parent.is_file():
+        raise ConfigError(f"preset {path.name}: extends '{base}', which is "
+                          f"{'a loop' if base in seen else 'not a preset beside it'}")
+    return merge(_preset_document(parent, (*seen, path.name[:-5])), doc)
 
 
 # ----------------------------------------------------------------------------------------------

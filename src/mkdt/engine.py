@@ -73,7 +73,7 @@ class Stage:
     keys that cannot change the result. ``units``: dotted keys counting independent units;
     ``extends(old, new)`` says whether a finished run with units ``old`` can be extended (or shrunk) in
     place to ``new``. ``torchrun``: the stage can run under ``torchrun`` with several processes.
-    ``cached=False``: always run afresh (e.g. the installation check).
+    ``cached=False``: always run afresh (e.g. the installation check). ``shown``: dotted keys a plan prints.
     """
 
     name: str
@@ -88,6 +88,7 @@ class Stage:
     extends: Units = _never
     torchrun: bool = False
     cached: bool = True
+    shown: tuple[str, ...] = ()  # the settings a plan (--dry-run) prints for this stage
 
     @property
     def section(self) -> str:

@@ -340,20 +340,66 @@ def launch_torchrun(step: Step, processes: int, folder: Path) -> None:
                         f"re-run to resume, or set run.processes=1")
 
 
+def _setting(config: Any, dotted: str) -> Any:
+    value = config
+    for part in dotted.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def _estimates(run: Plan, step: Step) -> list[str]:
+    """Memory (distillation: plain vs memory-saving, measured on one step) and time where measured."""
+    from mkdt import estimates
+    from mkdt.distill.memory import memory_budget_bytes
+
+    if step.stage.name != "distill":
+        return []
+    teacher = next((s.config for s in run.steps if s.stage.name == "teacher"), None)
+    data = teacher.data if teacher is not None else None
+    if data is None or step.config.inner_objective != "kd":
+        return []
+    from mkdt.models import build_model
+
+    channels, resolution = estimates.source_shape(data)
+    target_dim = build_model(teacher.model, in_channels=channels, resolution=resolution).feature_dim
+    gb = estimates.distill_memory_gb(step.config, channels, resolution, target_dim)
+    device = resolve_device(step.config.device)
+    budget = memory_budget_bytes(device, step.config.memory_budget_gb) / 2**30
+    mode = step.config.memory_mode
+    saving = mode == "on" or (mode == "auto" and gb["plain_gb"] > budget)
+    lines = [f"memory: plain path ~{gb['plain_gb']} GB, memory-saving ~{gb['memory_saving_gb']} GB extra per update "
+             f"(budget {budget:.1f} GB) -> {'memory-saving' if saving else 'plain'} path"]
+    rate = estimates.distill_seconds_per_iteration(step.config, device, saving)
+    if rate is not None:
+        hours = rate[0] * step.config.iterations / 3600
+        lines.append(f"time: ~{hours:.1f} h for {step.config.iterations} iterations on this CPU (measured: {rate[1]})")
+    else:
+        lines.append(f"time: no measured rate for this shape on {device.type} (benchmarks/distill_speed.py, "
+                     f"benchmarks/gpu_check.py measure one)")
+    return lines
+
+
 def describe_plan(run: Plan) -> str:
-    """The plan as text: each step, what the engine would do with it and where its outputs go."""
-    lines = [f"run folder: {run.layout.root}", f"methods: {', '.join(run.settings.methods)}"]
+    """The plan as text: each step, what the engine would do with it, its key settings, where its outputs
+    go, and for distillation its memory (and time, where measured)."""
+    lines = [f"run folder: {run.layout.root}", f"methods: {', '.join(run.settings.methods)}",
+             f"evaluation seeds: {run.settings.eval_seeds}; processes: {run.settings.processes}"]
     for i, step in enumerate(run.steps, 1):
         try:
             d: Decision | None = decide(step.stage, step.config)
             what = f"{d.action} ({d.reason})"
         except MkdtError as exc:
-            what = f"run (inputs not made yet: {exc})" if "missing" in str(exc) else f"? ({exc})"
+            what = f"run once its inputs exist ({exc})"
         folder = run.layout.rel(step.stage.folder(step.config, run.layout))
         lines.append(f"[{i}/{len(run.steps)}] {step.name}: {what} -> {folder}/")
+        shown = ", ".join(f"{key} {_setting(step.config, key)}" for key in step.stage.shown
+                          if _setting(step.config, key) is not None)
+        if shown:
+            lines.append(f"      {shown}")
+        lines += [f"      {line}" for line in _estimates(run, step)]
     missing = preflight(run)
     if missing:
-        lines.append("missing inputs the real run will need:")
+        lines.append("missing inputs the real run will need (it refuses to start without them):")
         lines += [f"  {m}" for m in missing]
     return "\n".join(lines)
 

@@ -151,3 +151,23 @@ def test_bf16_on_cpu_trains_float32_weights_close_to_fp32():
     assert runs["bf16"][1] == pytest.approx(runs["fp32"][1], rel=0.05)
     for a, b in zip(fp32.backbone.parameters(), bf16.backbone.parameters()):
         assert torch.allclose(a, b, atol=0.05)
+
+
+def test_channels_last_is_kept_off_where_this_torch_crashes():
+    """8-channel convolutions at 64 px crash (segfault) in channels-last backward on torch 2.14's CPU kernels:
+    the trainer uses the default layout for them, and channels-last for 16 channels and more."""
+    import torch
+
+    from mkdt.models import ModelConfig, build_model
+    from mkdt.ssl import AugmentConfig, BatchAugment, ObjectiveConfig, SSLSchedule, SSLTrainer
+
+    def trainer(width: int) -> SSLTrainer:
+        model = build_model(ModelConfig(name="resnet18", width=width, norm="batchnorm"), in_channels=3, resolution=64)
+        return SSLTrainer(model, ObjectiveConfig(projector_hidden=16, projector_out=16),
+                          SSLSchedule(epochs=1, batch_size=16, warmup_epochs=0, channels_last=True),
+                          BatchAugment(AugmentConfig(), (0.5,) * 3, (0.25,) * 3), seed=0, device=torch.device("cpu"))
+
+    narrow = trainer(8)
+    assert narrow.memory_format == torch.contiguous_format
+    narrow.fit(torch.randint(0, 255, (32, 3, 64, 64), dtype=torch.uint8))  # one epoch, no crash
+    assert trainer(16).memory_format == torch.channels_last

@@ -333,7 +333,7 @@ def _inputs(config: KrrStConfig, layout: RunLayout) -> dict[str, Path | None]:
 STAGE = Stage(
     "krr-st", KrrStConfig, _distill, "distill with the KRR-ST baseline",
     folder=lambda config, layout: layout.krr_st_dir, inputs=_inputs, input_fields=("targets", "init", "teacher"),
-    runtime=("checkpoint_every", "log_every", "max_bad_steps"),
+    runtime=("checkpoint_every", "log_every", "max_bad_steps"), shown=("size", "iterations", "lr", "pool_size"),
 )
 
 

@@ -99,7 +99,7 @@ def _inputs(config: SubsetConfig, layout: RunLayout) -> dict[str, Path | None]:
 STAGE = Stage(
     "subset", SubsetConfig, _select, "select a real subset baseline (random or SAS)",
     folder=lambda config, layout: layout.subset_dir(config.name or config.method), inputs=_inputs,
-    input_fields=("targets", "encoder"), runtime=("batch_size",),
+    input_fields=("targets", "encoder"), runtime=("batch_size",), shown=("method", "size"),
 )
 
 

@@ -109,7 +109,8 @@ STAGE = Stage(
     input_fields=("init", "experts_dir"),
     runtime=("checkpoint_every", "memory_saving", "memory_budget_gb", "max_bad_steps", "grid_images"),
     units=("iterations",), extends=lambda old, new: new["iterations"] >= (old.get("iterations") or 0),
-    torchrun=True,
+    torchrun=True, shown=("init", "iterations", "syn_steps", "batch_syn", "expert_epochs", "max_start_epoch", "lr_img",
+                          "lr_targets", "lr_lr", "trajectories", "model.width", "model.depth"),
 )
 
 

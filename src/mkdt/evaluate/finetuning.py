@@ -158,27 +158,27 @@ def train_classifier(cfg: FinetuneConfig, model: Classifier, images: torch.Tenso
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     step, order, losses = load_checkpoint(ckpt, model, opt, gen, cfg.batch_size) if ckpt.is_file() else (0, [], [])
     model.train()
-    bar = Progress(cfg.iterations, desc, initial=step, enabled=is_main_process())
-    while step < cfg.iterations:
-        if not order:
-            order = list(torch.randperm(len(images), generator=gen).split(cfg.batch_size))
-        idx = order.pop(0)
-        x = crop_flip(images[idx].to(device), cfg.crop_padding, cfg.flip, gen)
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(cfg.lr, step, cfg.iterations)
-        loss = F.cross_entropy(model(normalize(x, mean, std)), labels[idx].to(device))
-        if not torch.isfinite(loss):
-            raise MkdtError(f"fine-tuning diverged at iteration {step} (loss {loss.item()}); lower lr (now {cfg.lr})")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        bar.update(1, loss=float(loss.detach()))
-        if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
-            losses.append(float(loss.detach()))
-            if step < cfg.iterations:
-                save_checkpoint(ckpt, model, opt, gen, step, order, losses)
-    bar.close()
+    with Progress(cfg.iterations, desc, initial=step, enabled=is_main_process()) as bar:
+        while step < cfg.iterations:
+            if not order:
+                order = list(torch.randperm(len(images), generator=gen).split(cfg.batch_size))
+            idx = order.pop(0)
+            x = crop_flip(images[idx].to(device), cfg.crop_padding, cfg.flip, gen)
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(cfg.lr, step, cfg.iterations)
+            loss = F.cross_entropy(model(normalize(x, mean, std)), labels[idx].to(device))
+            if not torch.isfinite(loss):
+                raise MkdtError(f"fine-tuning diverged at iteration {step} (loss {loss.item()}); lower lr "
+                                f"(now {cfg.lr})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            bar.update(1, loss=float(loss.detach()))
+            if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
+                losses.append(float(loss.detach()))
+                if step < cfg.iterations:
+                    save_checkpoint(ckpt, model, opt, gen, step, order, losses)
     return losses
 
 

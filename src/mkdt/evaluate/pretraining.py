@@ -315,6 +315,7 @@ STAGE = Stage(
     "pretrain", PretrainConfig, _pretrain, "pre-train a fresh encoder on a distilled set or subset",
     folder=lambda config, layout: layout.pretrain_dir(config.name or config.kind),
     inputs=lambda config, layout: input_files(config), input_fields=("source", "targets"),
+    shown=("kind", "recipe", "model.name", "model.width", "schedule.epochs", "schedule.lr"),
 )
 
 

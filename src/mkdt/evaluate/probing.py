@@ -381,7 +381,7 @@ STAGE = Stage(
     folder=lambda config, layout: layout.probe_dir(probe_name(config, encoder_path(config))),
     inputs=lambda config, layout: {"encoder": encoder_path(config)}, input_fields=("encoder",),
     runtime=("feature_batch_size",), units=("downstream", "protocols", "percents", "seeds"),
-    extends=lambda old, new: True, torchrun=True,
+    extends=lambda old, new: True, torchrun=True, shown=("protocols", "percents", "seeds"),
 )
 
 

@@ -237,7 +237,7 @@ STAGE = Stage(
     "init", InitConfig, _select, "choose the initial synthetic set (high-loss or random)",
     folder=lambda config, layout: layout.init_dir,
     inputs=lambda config, layout: {"experts": experts_path(config), "targets": targets_path(config)},
-    input_fields=("experts_dir", "targets"), runtime=("batch_size",),
+    input_fields=("experts_dir", "targets"), runtime=("batch_size",), shown=("size", "epoch", "num_experts"),
 )
 
 

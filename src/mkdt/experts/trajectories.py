@@ -469,6 +469,7 @@ STAGE = Stage(
     folder=lambda config, layout: layout.experts_dir(config.name), inputs=_inputs, input_fields=("targets",),
     runtime=("batch_students", "batched_impl"), units=("num_experts",),
     extends=lambda old, new: True, torchrun=True,
+    shown=("num_experts", "model.name", "model.depth", "model.width", "schedule.epochs", "keep_epochs"),
 )
 
 

@@ -83,7 +83,7 @@ STAGE = Stage(
     "targets", TargetsConfig, _compute, "encode the source set with the teacher into targets",
     folder=lambda config, layout: layout.targets_dir,
     inputs=lambda config, layout: {"teacher": teacher_path(config)}, input_fields=("teacher",),
-    runtime=("batch_size",),
+    runtime=("batch_size",), shown=("data.name",),
 )
 
 

@@ -191,7 +191,8 @@ STAGE = Stage(
     folder=lambda config, layout: layout.teacher_dir, inputs=_inputs, input_fields=("import_path",),
     runtime=("monitor", "knn_k", "knn_temperature", "monitor_every", "monitor_init", "encode_batch_size",
              "keep_checkpoint"),
-    torchrun=True,
+    torchrun=True, shown=("import_path", "model.name", "model.width", "objective.name", "schedule.epochs",
+                          "schedule.batch_size"),
 )
 
 
