@@ -76,6 +76,16 @@ def test_every_step_runs_and_the_report_is_written(finished_run):
     assert "distill" in (out / "mkdt.log").read_text()  # the run's log file holds its progress
 
 
+def test_every_training_stage_logs_its_scalars_to_csv(finished_run):
+    from mkdt.metrics import read_csv
+
+    out, _, _ = finished_run
+    for folder, name in [("teacher", "loss"), ("experts", "loss"), ("distill", "loss"), ("distill", "lr"),
+                         ("pretrain/mkdt", "loss")]:
+        rows = read_csv(out / folder / "metrics.csv")
+        assert any(r["name"] == name for r in rows), (folder, name)
+
+
 def test_rerun_reuses_every_step(finished_run):
     out, doc, state = finished_run
     before = records(out)

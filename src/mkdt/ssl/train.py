@@ -402,6 +402,8 @@ class SSLTrainer:
                     record.update(self._on_main(lambda: _timed(monitor)))
                     progress.note(f"{desc} epoch {epoch}: " + ", ".join(
                         f"{k} {v}" for k, v in record.items() if k in ("loss", "knn")))
+                progress.record(**{f"epoch_{k}": v for k, v in record.items()
+                                    if k in ("loss", "knn", "images_per_second")})
                 self.history.append(record)
                 self._persist(checkpoint, identity, log_path)
                 if on_epoch_end is not None:
