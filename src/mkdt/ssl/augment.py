@@ -11,9 +11,11 @@ Every random parameter is drawn on the CPU from an explicit ``torch.Generator`` 
 only then moved to the device, so a seed gives the same views on CPU and CUDA and nothing touches
 torch's global generator.
 
-Hue is rotated about the grey axis in YIQ space (a linear, per-image 3x3 matrix) instead of shifting
-the HSV hue channel; both move colours around the hue circle by the same angle for grey-balanced
-colours, and the linear form is an order of magnitude cheaper.
+The colour jitter is torchvision's ``ColorJitter``, batched: brightness, contrast and saturation blend
+with black, the grey mean and the grey image (luma weights 0.2989/0.587/0.114), hue shifts the HSV hue
+channel, every result is clamped to [0, 1], and each image applies the four in its own random order
+(torchvision draws one permutation per call). tests/ssl/test_augment.py checks it against
+``torchvision.transforms.v2.functional`` on the same parameters.
 """
 
 from __future__ import annotations
@@ -28,8 +30,7 @@ import torch.nn.functional as F
 from mkdt.config import require, validate
 from mkdt.errors import MkdtError
 
-GRAY_WEIGHTS = (0.299, 0.587, 0.114)
-_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 CROP_ATTEMPTS = 10
 
 
@@ -125,41 +126,92 @@ def _per_image(v: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (x * _per_image(factor)).clamp_(0, 1)
+    """Blend with black: ``clamp(f * x)``."""
+    return (x * _per_image(factor)).clamp(0, 1)
 
 
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with the image's mean grey level: ``clamp(f * x + (1 - f) * mean(gray(x)))``."""
     mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
     f = _per_image(factor)
-    return (f * x + (1 - f) * mean).clamp_(0, 1)
+    return (f * x + (1 - f) * mean).clamp(0, 1)
 
 
 def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with the grey image: ``clamp(f * x + (1 - f) * gray(x))``; single-channel images are unchanged."""
     if x.shape[1] != 3:
         return x
     f = _per_image(factor)
-    return (f * x + (1 - f) * grayscale(x)).clamp_(0, 1)
+    return (f * x + (1 - f) * grayscale(x)).clamp(0, 1)
 
 
-def hue_matrices(shift: torch.Tensor) -> torch.Tensor:
-    """Per-image 3x3 RGB matrices rotating hue by ``shift`` turns (YIQ rotation about the grey axis)."""
-    angle = shift * 2 * math.pi
-    cos, sin = angle.cos(), angle.sin()
-    rot = torch.zeros(len(shift), 3, 3, dtype=shift.dtype)
-    rot[:, 0, 0] = 1
-    rot[:, 1, 1] = cos
-    rot[:, 1, 2] = -sin
-    rot[:, 2, 1] = sin
-    rot[:, 2, 2] = cos
-    to_yiq = _RGB_TO_YIQ.to(shift.dtype)
-    return torch.linalg.inv(to_yiq) @ rot @ to_yiq
+def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    """RGB in [0, 1] (N x 3 x H x W) -> HSV with hue in [0, 1); grey pixels get hue 0 and saturation 0."""
+    r, g, b = x.unbind(1)
+    high = x.amax(dim=1)
+    low = x.amin(dim=1)
+    span = high - low
+    grey = span == 0
+    one = torch.ones_like(span)
+    sat = span / torch.where(grey, one, high)
+    span_safe = torch.where(grey, one, span)
+    # distance of each channel from the maximum, in units of the span
+    dr, dg, db = (high - r) / span_safe, (high - g) / span_safe, (high - b) / span_safe
+    red_max = high == r
+    green_max = (high == g) & ~red_max
+    blue_max = ~red_max & ~green_max
+    sector = red_max * (db - dg) + green_max * (2.0 + dr - db) + blue_max * (4.0 + dg - dr)
+    hue = torch.remainder(sector / 6.0, 1.0)
+    hue = torch.where(grey, torch.zeros_like(hue), hue)
+    return torch.stack((hue, sat, high), dim=1)
+
+
+def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rgb_to_hsv`."""
+    hue, sat, val = x.unbind(1)
+    scaled = hue * 6.0
+    sector = torch.floor(scaled)
+    frac = scaled - sector
+    sector = torch.remainder(sector, 6).long()
+    p = (val * (1.0 - sat)).clamp(0, 1)
+    q = (val * (1.0 - sat * frac)).clamp(0, 1)
+    t = (val * (1.0 - sat * (1.0 - frac))).clamp(0, 1)
+    # (red, green, blue) for hue sectors 0..5
+    table = ((val, t, p), (q, val, p), (p, val, t), (p, q, val), (t, p, val), (val, p, q))
+    channels = []
+    for c in range(3):
+        out = torch.zeros_like(val)
+        for k, row in enumerate(table):
+            out = torch.where(sector == k, row[c], out)
+        channels.append(out)
+    return torch.stack(channels, dim=1)
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Shift the HSV hue of every image by its ``shift`` (a fraction of the hue circle, in [-0.5, 0.5])."""
     if x.shape[1] != 3:
         return x
-    m = hue_matrices(shift.float()).to(x.device, x.dtype)
-    return torch.einsum("nij,njhw->nihw", m, x).clamp_(0, 1)
+    hsv = rgb_to_hsv(x)
+    hue = torch.remainder(hsv[:, 0] + shift.to(x.device, x.dtype).view(-1, 1, 1), 1.0)
+    return hsv_to_rgb(torch.stack((hue, hsv[:, 1], hsv[:, 2]), dim=1)).clamp(0, 1)
+
+
+JITTER = (("brightness", adjust_brightness), ("contrast", adjust_contrast), ("saturation", adjust_saturation),
+          ("hue", adjust_hue))  # torchvision's ColorJitter numbering of the four operations
+
+
+def color_jitter(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The four jitter operations, each image in its own order ``params["order"][i]`` (a permutation of
+    0..3 in :data:`JITTER` numbering); images whose ``params["jitter"]`` is off are left as they are."""
+    order, on = params["order"], params["jitter"]
+    for slot in range(len(JITTER)):
+        for k, (key, op) in enumerate(JITTER):
+            rows = ((order[:, slot] == k) & on).nonzero().flatten()
+            if len(rows) == 0:
+                continue
+            where = rows.to(x.device)
+            x = x.index_copy(0, where, op(x.index_select(0, where), params[key][rows].to(x.device)))
+    return x
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -208,6 +260,7 @@ class BatchAugment:
             "blur": _bernoulli(n, c.blur_p, generator),
             "sigma": _uniform(n, c.blur_sigma[0], c.blur_sigma[1], generator),
             "solarize": _bernoulli(n, c.solarize_p, generator),
+            "order": torch.rand(n, len(JITTER), generator=generator).argsort(dim=1),  # each image's jitter order
         }
         off = ~params["jitter"]
         for key in ("brightness", "contrast", "saturation"):
@@ -220,10 +273,7 @@ class BatchAugment:
         dev = x.device
         x = crop_flip(x, params["boxes"], params["flip"])
         if params["jitter"].any():
-            x = adjust_brightness(x, params["brightness"].to(dev))
-            x = adjust_contrast(x, params["contrast"].to(dev))
-            x = adjust_saturation(x, params["saturation"].to(dev))
-            x = adjust_hue(x, params["hue"])
+            x = color_jitter(x, params)
         if x.shape[1] == 3 and params["gray"].any():
             x = _blend(params["gray"], grayscale(x).expand_as(x), x)
         if params["blur"].any():
