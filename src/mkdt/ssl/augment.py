@@ -1,11 +1,11 @@
 """Batched SimCLR-style augmentations with per-image random parameters, on the training device.
 
-Why not ``kornia.augmentation``: measured on the project's 2-core CPU for a 256 x 3 x 32 x 32 batch,
-RandomResizedCrop + flip + ColorJitter(p 0.8) + RandomGrayscale(p 0.2) from kornia 0.9 took 0.4-0.6 s
-per view (its HSV hue shift alone ~65 ms, saturation ~20 ms, crop ~15-120 ms), more than half of a
-ResNet-18 (width 16) training step on two views. The same operations written as a few batched tensor
-ops (one ``grid_sample`` for crop + flip, 3x3 colour matrices per image) cost a few milliseconds, so
-they are written here. The parameter ranges are the torchvision/kornia ones.
+Why not ``kornia.augmentation`` or torchvision's per-image transforms: measured by
+``benchmarks/augment_speed.py`` on the project's 2-core CPU (one thread, a 256 x 3 x 32 x 32 batch, the
+SimCLR CIFAR recipe, run round-robin on a shared core; docs/RESULTS.md, augment_speed), one view takes
+50-84 ms (minimum-median) here, 73-101 ms with kornia 0.9 and 353-467 ms with torchvision v2 image by image. The operations are a few batched tensor ops
+(one ``grid_sample`` for crop + flip, blends and an HSV round trip for the jitter). The parameter
+ranges are torchvision's.
 
 Every random parameter is drawn on the CPU from an explicit ``torch.Generator`` in a fixed order and
 only then moved to the device, so a seed gives the same views on CPU and CUDA and nothing touches
@@ -145,55 +145,53 @@ def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return (f * x + (1 - f) * grayscale(x)).clamp(0, 1)
 
 
-def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    """RGB in [0, 1] (N x 3 x H x W) -> HSV with hue in [0, 1); grey pixels get hue 0 and saturation 0."""
+def _hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hue in [0, 1), saturation and value (N x H x W each) of RGB images in [0, 1]; grey has hue and
+    saturation 0."""
     r, g, b = x.unbind(1)
-    high = x.amax(dim=1)
-    low = x.amin(dim=1)
+    high, low = x.amax(dim=1), x.amin(dim=1)
     span = high - low
     grey = span == 0
-    one = torch.ones_like(span)
-    sat = span / torch.where(grey, one, high)
-    span_safe = torch.where(grey, one, span)
-    # distance of each channel from the maximum, in units of the span
-    dr, dg, db = (high - r) / span_safe, (high - g) / span_safe, (high - b) / span_safe
+    sat = span / torch.where(grey, torch.ones_like(high), high)
+    span = torch.where(grey, torch.ones_like(span), span)
     red_max = high == r
     green_max = (high == g) & ~red_max
-    blue_max = ~red_max & ~green_max
-    sector = red_max * (db - dg) + green_max * (2.0 + dr - db) + blue_max * (4.0 + dg - dr)
-    hue = torch.remainder(sector / 6.0, 1.0)
-    hue = torch.where(grey, torch.zeros_like(hue), hue)
-    return torch.stack((hue, sat, high), dim=1)
+    # the hue sector relative to the maximal channel: (g - b), 2 + (b - r), 4 + (r - g), in units of the span
+    sector = torch.where(red_max, (g - b) / span,
+                         torch.where(green_max, 2.0 + (b - r) / span, 4.0 + (r - g) / span))
+    hue = torch.where(grey, torch.zeros_like(sector), torch.remainder(sector / 6.0, 1.0))
+    return hue, sat, high
+
+
+def _rgb(hue: torch.Tensor, sat: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+    """RGB (N x 3 x H x W) of HSV planes: channel ``c = v - v s clamp(min(k, 4 - k), 0, 1)`` with
+    ``k = (n + 6 h) mod 6``, n = 5, 3, 1 for red, green, blue (the six-sector rule without branches)."""
+    six = hue * 6.0
+    vs = val * sat
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(six + n, 6.0)
+        channels.append(val - vs * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0))
+    return torch.stack(channels, dim=1)
+
+
+def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    """RGB in [0, 1] (N x 3 x H x W) -> HSV (N x 3 x H x W) with hue in [0, 1)."""
+    return torch.stack(_hsv(x), dim=1)
 
 
 def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`rgb_to_hsv`."""
-    hue, sat, val = x.unbind(1)
-    scaled = hue * 6.0
-    sector = torch.floor(scaled)
-    frac = scaled - sector
-    sector = torch.remainder(sector, 6).long()
-    p = (val * (1.0 - sat)).clamp(0, 1)
-    q = (val * (1.0 - sat * frac)).clamp(0, 1)
-    t = (val * (1.0 - sat * (1.0 - frac))).clamp(0, 1)
-    # (red, green, blue) for hue sectors 0..5
-    table = ((val, t, p), (q, val, p), (p, val, t), (p, q, val), (t, p, val), (val, p, q))
-    channels = []
-    for c in range(3):
-        out = torch.zeros_like(val)
-        for k, row in enumerate(table):
-            out = torch.where(sector == k, row[c], out)
-        channels.append(out)
-    return torch.stack(channels, dim=1)
+    return _rgb(*x.unbind(1))
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Shift the HSV hue of every image by its ``shift`` (a fraction of the hue circle, in [-0.5, 0.5])."""
     if x.shape[1] != 3:
         return x
-    hsv = rgb_to_hsv(x)
-    hue = torch.remainder(hsv[:, 0] + shift.to(x.device, x.dtype).view(-1, 1, 1), 1.0)
-    return hsv_to_rgb(torch.stack((hue, hsv[:, 1], hsv[:, 2]), dim=1)).clamp(0, 1)
+    hue, sat, val = _hsv(x)
+    hue = torch.remainder(hue + shift.to(x.device, x.dtype).view(-1, 1, 1), 1.0)
+    return _rgb(hue, sat, val).clamp(0, 1)
 
 
 JITTER = (("brightness", adjust_brightness), ("contrast", adjust_contrast), ("saturation", adjust_saturation),
