@@ -71,6 +71,14 @@ def test_every_step_runs_and_the_report_is_written(finished_run):
         assert "digits" in json.dumps(results["summary"])
     html = (out / "report.html").read_text()
     assert "data:image/png;base64" in html and "mkdt" in html
+    for piece in ("mean ± std over seeds; the axis starts near the lowest result",  # the results chart
+                  "matching loss per update, its moving average",  # loss + held-out loss + learned lr curves
+                  "initial set, distilled set and their difference",  # the images
+                  "How to read this demo", "cannot</em> show"):  # digits: what the run can and cannot show
+        assert piece in html and f"{piece}: not available" not in html, piece
+    assert html.count("data:image/png;base64") == 3
+    for name in ("results.png", "distill_curves.png", "distill_images.png"):
+        assert (out / "report_files" / name).stat().st_size > 5000
     md = (out / "report.md").read_text()
     assert "| digits |" in md and "peak RSS" in md and "learned inner lr: 0." in md
     assert "distill" in (out / "mkdt.log").read_text()  # the run's log file holds its progress
