@@ -21,7 +21,7 @@ from mkdt.errors import ConfigError, MkdtError, Terminated
 
 RUN_COMMANDS = {
     "run": "run the whole pipeline from a run document (--config FILE or --preset)",
-    "demo": "the whole pipeline on the embedded digits set (no download, about a minute)",
+    "demo": "the whole pipeline on the embedded digits set (no download, a few minutes)",
 }
 
 
