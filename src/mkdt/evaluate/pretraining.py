@@ -73,9 +73,8 @@ class PretrainConfig(StageConfig):
     # holding images.pt / labels.pt / lr.pt as `mkdt export` and DD-Ranking write); default: the run's
     # distilled set or random subset
     source: str | None = None
-    # a .pt set without manifest.json: the per-channel mean / std its images were normalised with
-    mean: list[float] | None = None
-    std: list[float] | None = None
+    mean: list[float] | None = None  # a .pt set without manifest.json: the per-channel mean of its normalisation
+    std: list[float] | None = None  # a .pt set without manifest.json: the per-channel std of its normalisation
     data: DataConfig = dataclasses.field(default_factory=DataConfig)  # the source data (kinds full and none)
     targets: str | None = None  # full: the teacher targets (default: the run's targets/targets.safetensors)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # the encoder
