@@ -167,7 +167,8 @@ def is_pt_set(path: PathLike) -> bool:
     return path.is_dir() or path.suffix == ".pt"
 
 
-def load_set(path: PathLike, *, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> SyntheticSet:
+def load_set(path: PathLike, *, mean: Sequence[float] | None = None,
+             std: Sequence[float] | None = None) -> SyntheticSet:
     """A synthetic set from an mkdt ``.safetensors`` file or a ``.pt`` set (see :func:`load_pt_set`)."""
     if is_pt_set(path):
         return load_pt_set(path, mean=mean, std=std)
@@ -225,8 +226,9 @@ def load_pt_set(path: PathLike, *, mean: Sequence[float] | None = None,
                             f"mean/std instead")
         shape = manifest.get("image_shape")
         if (shape is not None and [int(v) for v in shape] != [c, h, w]) or manifest.get("count", n) != n:
+            recorded = " x ".join(str(v) for v in [manifest.get("count"), *(shape or [])])
             raise MkdtError(f"{images_path}: images are {n} x {c} x {h} x {w} but {manifest_path.name} records "
-                            f"{manifest.get('count')} x {' x '.join(str(v) for v in shape or [])}; export the set again")
+                            f"{recorded}; export the set again")
     labels = _load_pt_tensor(labels_path)
     if labels.dim() == 1 or not labels.is_floating_point():
         raise MkdtError(f"{labels_path}: holds class labels {tuple(labels.shape)} ({labels.dtype}), not N x D float "

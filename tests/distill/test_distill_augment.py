@@ -19,7 +19,8 @@ def test_shift_moves_right_and_down_with_zero_fill():
 def test_apply_flips_then_shifts_each_image_and_passes_gradients():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 3, 8, 8, generator=g, requires_grad=True)
-    params = AugmentParams(torch.tensor([True, False] * 3), torch.tensor([[1, 0], [0, 0], [-1, 1], [2, 2], [0, -1], [0, 0]]))
+    shifts = torch.tensor([[1, 0], [0, 0], [-1, 1], [2, 2], [0, -1], [0, 0]])
+    params = AugmentParams(torch.tensor([True, False] * 3), shifts)
     out = apply(x, params)
     assert torch.equal(out[1], x[1]) and torch.equal(out[5], x[5].flip(-1) if params.flip[5] else x[5])
     assert torch.equal(out[0, :, :, 1:], x[0].flip(-1)[:, :, :-1]) and (out[0, :, :, 0] == 0).all()

@@ -55,7 +55,8 @@ def test_export_round_trip_and_manifest(exported):
     manifest = json.loads((dest / "manifest.json").read_text())
     assert manifest["normalisation"]["mean"] == list(distilled.mean)
     assert manifest["normalisation"]["std"] == list(distilled.std)
-    assert manifest["targets"]["dim"] == distilled.targets.shape[1] and "not class labels" in manifest["targets"]["meaning"]
+    assert manifest["targets"]["dim"] == distilled.targets.shape[1]
+    assert "not class labels" in manifest["targets"]["meaning"]
     assert manifest["lr"]["value"] == pytest.approx(distilled.lr)
     source = manifest["source"]
     assert source["file"] == "distill/distilled.safetensors" and source["fingerprint"] == distilled.meta["fingerprint"]

@@ -6,8 +6,8 @@ and must see exactly the same flips and shifts; drawing them from the run's gene
 
 Why no library: a mirror is ``flip(-1)`` and a whole-pixel shift with zero fill is indexing into a
 zero-padded copy; both are exact and differentiable in the images (kornia's ``hflip`` / ``translate``
-with nearest sampling gave the same tensors, tests/distill/test_distill_augment.py checks it when kornia is
-installed), so the package does not depend on kornia for two lines.
+with nearest sampling gave the same tensors; tests/distill/test_distill_augment.py checks it when kornia
+is installed), so the package does not depend on kornia for two lines.
 """
 
 from __future__ import annotations

@@ -60,7 +60,8 @@ def _export(config: ExportConfig, run: StageRun) -> dict:
 
 
 STAGE = Stage(
-    "export", ExportConfig, _export, "export a distilled set to PNGs (ImageFolder layout) and/or images.pt/labels.pt/lr.pt, with a manifest",
+    "export", ExportConfig, _export,
+    "export a distilled set to PNGs (ImageFolder layout) and/or images.pt/labels.pt/lr.pt, with a manifest",
     folder=lambda config, layout: Path(config.dest) if config.dest else layout.export_dir,
     inputs=lambda config, layout: {"input": input_path(config)}, input_fields=("input", "dest"),
 )

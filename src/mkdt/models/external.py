@@ -48,7 +48,8 @@ def _replace(root: nn.Module, dotted: str, new: nn.Module) -> None:
 def _adapt_first_conv(model: nn.Module, in_channels: int, name: str) -> None:
     first = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
     if first is None:
-        raise MkdtError(f"model {name}: no Conv2d layer to take {in_channels}-channel images; choose a convolutional model")
+        raise MkdtError(f"model {name}: no Conv2d layer to take {in_channels}-channel images; "
+                        f"choose a convolutional model")
     path, conv = first
     if conv.in_channels == in_channels:
         return

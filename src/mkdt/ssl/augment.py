@@ -3,9 +3,9 @@
 Why not ``kornia.augmentation`` or torchvision's per-image transforms: measured by
 ``benchmarks/augment_speed.py`` on the project's 2-core CPU (one thread, a 256 x 3 x 32 x 32 batch, the
 SimCLR CIFAR recipe, run round-robin on a shared core; docs/RESULTS.md, augment_speed), one view takes
-50-84 ms (minimum-median) here, 73-101 ms with kornia 0.9 and 353-467 ms with torchvision v2 image by image. The operations are a few batched tensor ops
-(one ``grid_sample`` for crop + flip, blends and an HSV round trip for the jitter). The parameter
-ranges are torchvision's.
+50-84 ms (minimum-median) here, 73-101 ms with kornia 0.9 and 353-467 ms with torchvision v2 image by
+image. The operations are a few batched tensor ops (one ``grid_sample`` for crop + flip, blends and an
+HSV round trip for the jitter). The parameter ranges are torchvision's.
 
 Every random parameter is drawn on the CPU from an explicit ``torch.Generator`` in a fixed order and
 only then moved to the device, so a seed gives the same views on CPU and CUDA and nothing touches
@@ -268,7 +268,6 @@ class BatchAugment:
 
     def apply(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """Augment float images in [0, 1] with given parameters (deterministic)."""
-        dev = x.device
         x = crop_flip(x, params["boxes"], params["flip"])
         if params["jitter"].any():
             x = color_jitter(x, params)

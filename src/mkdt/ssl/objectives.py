@@ -21,8 +21,9 @@ Under torchrun (DDP) both the loss and every batch norm see the *global* batch, 
 process with the whole batch. Standardising each rank's shard with that shard's statistics and
 averaging the per-rank cross-correlations (lightly's ``gather_distributed``) would not. Instead
 :func:`gather_batch` concatenates the projections of all ranks (gradients flow back) and every rank
-evaluates the single-process loss on the whole batch, and every batch norm becomes torch's ``SyncBatchNorm`` on CUDA or :class:`GlobalBatchNorm` on the CPU,
-which normalise with statistics over every rank's rows.
+evaluates the single-process loss on the whole batch, and every batch norm becomes torch's
+``SyncBatchNorm`` on CUDA or :class:`GlobalBatchNorm` on the CPU, which normalise with statistics over
+every rank's rows.
 """
 
 from __future__ import annotations
