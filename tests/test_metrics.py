@@ -106,6 +106,10 @@ def test_a_torn_last_line_is_cut_when_the_csv_is_continued(tmp_path):
     with Metrics(tmp_path) as m:
         m.log("s", 1, loss=1.0)
     path = tmp_path / "metrics.csv"
+    with Metrics(tmp_path / "names") as m:  # fields may be called step or series too
+        m.log("s", 1, step=5, series=2.0)
+    assert [(r["name"], r["value"]) for r in read_csv(tmp_path / "names" / "metrics.csv")] == [("step", 5.0),
+                                                                                              ("series", 2.0)]
     path.write_text(path.read_text() + "123.0,s,2,lo")  # a kill in the middle of a row
     with Metrics(tmp_path) as m:
         m.log("s", 2, loss=2.0)

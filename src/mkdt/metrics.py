@@ -221,8 +221,8 @@ class Metrics:
     def enabled(self) -> bool:
         return bool(self._sinks)
 
-    def log(self, series: str, step: int, **fields: Any) -> None:
-        """Log the numeric ``fields`` (others are skipped) of loop ``series`` at ``step``."""
+    def log(self, series: str, step: int, /, **fields: Any) -> None:
+        """Log the numeric ``fields`` (others are skipped; any name, ``step`` too) of loop ``series`` at ``step``."""
         if not self._sinks:
             return
         values = {k: v for k, v in ((k, scalar(v)) for k, v in fields.items()) if v is not None and math.isfinite(v)}
