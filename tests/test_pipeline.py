@@ -79,6 +79,16 @@ def test_every_step_runs_and_the_report_is_written(finished_run):
     assert html.count("data:image/png;base64") == 3
     for name in ("results.png", "distill_curves.png", "distill_images.png"):
         assert (out / "report_files" / name).stat().st_size > 5000
+
+
+def test_a_report_writer_killed_midway_leaves_no_temporary_file(finished_run, tmp_path):
+    from mkdt.report import write_report
+
+    out, doc = copy_of(finished_run, tmp_path)
+    orphan = out / "report_files" / ".results.png.abc123.tmp"  # what a SIGKILL during a figure's write leaves
+    orphan.write_bytes(b"partial")
+    write_report(out, json.loads((out / "pipeline.json").read_text()) | {"methods": doc["run"]["methods"]})
+    assert not orphan.exists() and (out / "report_files" / "results.png").is_file()
     md = (out / "report.md").read_text()
     assert "| digits |" in md and "peak RSS" in md and "learned inner lr: 0." in md
     assert "distill" in (out / "mkdt.log").read_text()  # the run's log file holds its progress

@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from mkdt.artifacts import atomic_write_bytes, atomic_write_text, load_json
+from mkdt.artifacts import atomic_write_bytes, atomic_write_text, load_json, remove_orphans
 from mkdt.errors import MkdtError
 from mkdt.layout import RunLayout
 
@@ -254,6 +254,9 @@ def write_report(out: str | Path, state: Mapping[str, Any]) -> dict[str, Path]:
     out = Path(out)
     layout = RunLayout(out)
     files = layout.report_files
+    remove_orphans(files)  # temporary files of a report writer that was killed
+    for orphan in out.glob(".report.*.tmp"):
+        orphan.unlink(missing_ok=True)
     methods = list(state.get("methods", []))
     results = probe_results(layout, methods)
     table_md, chart = "(no probe results)", None
