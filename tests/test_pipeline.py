@@ -71,9 +71,37 @@ def test_every_step_runs_and_the_report_is_written(finished_run):
         assert "digits" in json.dumps(results["summary"])
     html = (out / "report.html").read_text()
     assert "data:image/png;base64" in html and "mkdt" in html
+    for piece in ("mean ± std over seeds; the axis starts near the lowest result",  # the results chart
+                  "matching loss per update, its moving average",  # loss + held-out loss + learned lr curves
+                  "initial set, distilled set and their difference",  # the images
+                  "How to read this demo", "cannot</em> show"):  # digits: what the run can and cannot show
+        assert piece in html and f"{piece}: not available" not in html, piece
+    assert html.count("data:image/png;base64") == 3
+    for name in ("results.png", "distill_curves.png", "distill_images.png"):
+        assert (out / "report_files" / name).stat().st_size > 5000
+
+
+def test_a_report_writer_killed_midway_leaves_no_temporary_file(finished_run, tmp_path):
+    from mkdt.report import write_report
+
+    out, doc = copy_of(finished_run, tmp_path)
+    orphan = out / "report_files" / ".results.png.abc123.tmp"  # what a SIGKILL during a figure's write leaves
+    orphan.write_bytes(b"partial")
+    write_report(out, json.loads((out / "pipeline.json").read_text()) | {"methods": doc["run"]["methods"]})
+    assert not orphan.exists() and (out / "report_files" / "results.png").is_file()
     md = (out / "report.md").read_text()
     assert "| digits |" in md and "peak RSS" in md and "learned inner lr: 0." in md
     assert "distill" in (out / "mkdt.log").read_text()  # the run's log file holds its progress
+
+
+def test_every_training_stage_logs_its_scalars_to_csv(finished_run):
+    from mkdt.metrics import read_csv
+
+    out, _, _ = finished_run
+    for folder, name in [("teacher", "loss"), ("experts", "loss"), ("distill", "loss"), ("distill", "lr"),
+                         ("pretrain/mkdt", "loss")]:
+        rows = read_csv(out / folder / "metrics.csv")
+        assert any(r["name"] == name for r in rows), (folder, name)
 
 
 def test_rerun_reuses_every_step(finished_run):

@@ -21,7 +21,7 @@ from mkdt.errors import ConfigError, MkdtError, Terminated
 
 RUN_COMMANDS = {
     "run": "run the whole pipeline from a run document (--config FILE or --preset)",
-    "demo": "the whole pipeline on the embedded digits set (no download, about a minute)",
+    "demo": "the whole pipeline on the embedded digits set (no download, a few minutes)",
 }
 
 
@@ -41,6 +41,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-versions", type=int, metavar="N",
                         help="earlier outputs kept per stage as <folder>.stale.<n> when settings change "
                              "(default 3, or MKDT_KEEP_VERSIONS)")
+    parser.add_argument("--log", metavar="LOGGERS",
+                        help="experiment loggers of the training loops, comma-separated: csv (default, "
+                             "<stage>/metrics.csv), tensorboard (<stage>/tensorboard/), wandb (offline unless "
+                             "WANDB_MODE=online), or none; also run.log or MKDT_LOG")
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="print warnings and errors only")
     verbosity.add_argument("-v", "--verbose", action="store_true", help="print debug lines too")
@@ -120,7 +124,8 @@ def _run(args: argparse.Namespace) -> int:
     preset = args.preset or ("demo" if args.command == "demo" else None)
     out = args.out or ("runs/demo" if args.command == "demo" and not args.config else None)
     values = {"seed": args.seed, "device": args.device, "out": out}
-    state = run_from_cli(preset, args.config, [*args.overrides, *args.extra], values, args.print_config,
+    overrides = [*args.overrides, *args.extra] + ([f"run.log={args.log}"] if args.log is not None else [])
+    state = run_from_cli(preset, args.config, overrides, values, args.print_config,
                          args.dry_run)
     report = state.get("report", {})
     if report.get("markdown"):
@@ -193,6 +198,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         if keep < 0:
             raise ConfigError(f"--keep-versions must be >= 0, got {keep}")
         os.environ["MKDT_KEEP_VERSIONS"] = str(keep)
+    from mkdt.metrics import ENV_LOG, configured_loggers, parse_loggers
+
+    chosen = getattr(args, "log", None)
+    if chosen is not None:
+        os.environ[ENV_LOG] = ",".join(parse_loggers(chosen)) or "none"
+    configured_loggers()  # a typo in MKDT_LOG or a logger that is not installed: exit 2 before anything runs
     threads = getattr(args, "threads", None)
     if threads is not None:
         if threads < 1:

@@ -9,6 +9,8 @@ Every stage is a :class:`Stage`: a config class, a body ``fn(config, run) -> sum
   folder is identified by that stage's record, any other file by its sha256. So a moved or copied run
   folder, an absolute instead of a relative ``--out`` or ``--device cpu`` where ``auto`` meant the CPU
   is the same run. Settings counting independent units (experts, probe seeds) are kept apart as *units*.
+* **Metrics.** While the body runs, :mod:`mkdt.metrics` logs every number its loops report (CSV,
+  TensorBoard, W&B: ``--log`` / ``run.log`` / ``MKDT_LOG``, a runtime setting outside every key).
 * **Record.** ``stage.json`` says ``running`` while the body works and ``done`` after it, with the key,
   units, inputs, outputs (names and sizes, checked before a finished stage is trusted), summary and
   measurements. Paths in it are relative to the run folder.
@@ -40,6 +42,7 @@ from mkdt.config import dump_yaml, to_dict, validate
 from mkdt.distributed import DistContext, barrier, broadcast_object, init_distributed
 from mkdt.errors import ConfigError, MkdtError, io_error
 from mkdt.layout import STAGE_RECORD, CONFIG_FILE, RunLayout
+from mkdt.metrics import Metrics, activate, configured_loggers
 from mkdt.progress import Progress, log, log_to_file
 from mkdt.runtime import Meter, resolve_device, torch_threads
 
@@ -130,6 +133,9 @@ class StageRun:
     status: str  # run | resume | extend | repair
     previous_units: dict[str, Any] | None
     outputs: dict[str, Path] = field(default_factory=dict)
+    # the experiment loggers' sink (mkdt.metrics): every Progress forwards its fields to it; a body may
+    # also log scalars of its own with ``run.metrics.log(series, step, name=value)``
+    metrics: Metrics = field(default_factory=lambda: Metrics(None))
 
     @property
     def device(self):
@@ -585,7 +591,10 @@ def run_stage(stage: Stage, config: Any, **hooks: Any) -> StageResult:
             _write_record(folder, _record(stage, config, decision, run, {}, {}, "running"))
             atomic_write_text(folder / CONFIG_FILE, dump_yaml(config))
         barrier(dctx)
-        with Meter(children=False) as meter, torch_threads(getattr(config, "threads", 0)):
+        if dctx.is_main:
+            run.metrics = Metrics(folder, configured_loggers(), name=f"{layout.root.name}/{stage.name}",
+                                  config=to_dict(config))
+        with Meter(children=False) as meter, torch_threads(getattr(config, "threads", 0)), activate(run.metrics):
             summary = stage.body(config, run, **hooks) or {}
         barrier(dctx)
         record = None

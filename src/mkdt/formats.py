@@ -153,3 +153,129 @@ def load_synthetic(path: PathLike) -> SyntheticSet:
     extra = {k: v for k, v in meta.items() if k not in ("mean", "std")}
     return SyntheticSet(tensors["images"], tensors["targets"], tuple(meta["mean"]), tuple(meta["std"]), lr,
                         tensors.get("indices"), extra)
+
+
+# ----------------------------------------------------------------------------------------------
+# the images.pt / labels.pt / lr.pt layout (DD-Ranking's; what `mkdt export` writes)
+# ----------------------------------------------------------------------------------------------
+PT_MANIFEST = "manifest.json"
+
+
+def is_pt_set(path: PathLike) -> bool:
+    """A folder or an ``images.pt`` (the .pt layout) rather than an mkdt safetensors set."""
+    path = Path(path)
+    return path.is_dir() or path.suffix == ".pt"
+
+
+def load_set(path: PathLike, *, mean: Sequence[float] | None = None,
+             std: Sequence[float] | None = None) -> SyntheticSet:
+    """A synthetic set from an mkdt ``.safetensors`` file or a ``.pt`` set (see :func:`load_pt_set`)."""
+    if is_pt_set(path):
+        return load_pt_set(path, mean=mean, std=std)
+    if mean is not None or std is not None:
+        raise MkdtError(f"{path}: an mkdt set records its own normalisation; unset mean/std (they are for .pt sets)")
+    return load_synthetic(path)
+
+
+def _load_pt_tensor(path: Path) -> torch.Tensor:
+    """One tensor saved with ``torch.save``, read with ``weights_only=True`` only (never arbitrary pickles)."""
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, ...: all mean "not a plain tensor file"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise MkdtError(f"{path}: cannot be read with torch.load(weights_only=True) ({first}); save a plain tensor "
+                        f"with torch.save(tensor, path)") from None
+    if not isinstance(value, torch.Tensor):
+        raise MkdtError(f"{path}: holds a {type(value).__name__}, not a tensor; save a plain tensor with "
+                        f"torch.save(tensor, path)")
+    return value
+
+
+def load_pt_set(path: PathLike, *, mean: Sequence[float] | None = None,
+                std: Sequence[float] | None = None) -> SyntheticSet:
+    """A set in the ``images.pt`` / ``labels.pt`` / ``lr.pt`` layout: ``path`` is the folder or its ``images.pt``.
+
+    ``images.pt``: normalised float images N x C x H x W; ``labels.pt``: N x D float regression targets
+    (teacher representations, not class labels); ``lr.pt`` (optional): the learned lr, 0-d or one element.
+    The normalisation comes from ``manifest.json`` beside them (written by ``mkdt export``) or from
+    ``mean``/``std``; with both they must agree. Every mismatch is a one-line error naming the file.
+    """
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    images_path, labels_path, lr_path = folder / "images.pt", folder / "labels.pt", folder / "lr.pt"
+    for needed in (images_path, labels_path):
+        if not needed.is_file():
+            raise MkdtError(f"{needed}: not found; a .pt set is a folder holding images.pt (N x C x H x W normalised "
+                            f"floats), labels.pt (N x D targets) and optionally lr.pt")
+    images = _load_pt_tensor(images_path)
+    if images.dtype == torch.uint8:
+        raise MkdtError(f"{images_path}: holds uint8 pixels; a .pt set holds normalised float images "
+                        f"((pixel / 255 - mean) / std), e.g. as written by `mkdt export`")
+    if images.dim() != 4 or not images.is_floating_point():
+        raise MkdtError(f"{images_path}: must be float images N x C x H x W, got {images.dtype} of shape "
+                        f"{tuple(images.shape)}")
+    n, c, h, w = images.shape
+    manifest: dict[str, Any] = {}
+    manifest_path = folder / PT_MANIFEST
+    if manifest_path.is_file():
+        from mkdt.artifacts import load_json
+
+        manifest = load_json(manifest_path)
+        if not isinstance(manifest, dict) or "normalisation" not in manifest:
+            raise MkdtError(f"{manifest_path}: not an mkdt export manifest (no normalisation); remove it and give "
+                            f"mean/std instead")
+        shape = manifest.get("image_shape")
+        if (shape is not None and [int(v) for v in shape] != [c, h, w]) or manifest.get("count", n) != n:
+            recorded = " x ".join(str(v) for v in [manifest.get("count"), *(shape or [])])
+            raise MkdtError(f"{images_path}: images are {n} x {c} x {h} x {w} but {manifest_path.name} records "
+                            f"{recorded}; export the set again")
+    labels = _load_pt_tensor(labels_path)
+    if labels.dim() == 1 or not labels.is_floating_point():
+        raise MkdtError(f"{labels_path}: holds class labels {tuple(labels.shape)} ({labels.dtype}), not N x D float "
+                        f"regression targets; mkdt pre-trains an encoder to regress targets such as teacher "
+                        f"representations (export mkdt sets with `mkdt export`)")
+    if labels.dim() != 2 or labels.shape[0] != n:
+        raise MkdtError(f"{labels_path}: must be {n} x D targets for the {n} images of images.pt, got shape "
+                        f"{tuple(labels.shape)}")
+    for name, tensor in ((images_path, images), (labels_path, labels)):
+        if not torch.isfinite(tensor).all():
+            raise MkdtError(f"{name}: holds NaN or infinite values; the set is broken, export it again")
+    recorded = manifest.get("normalisation", {})
+    mean, std = _pt_normalisation(folder, recorded.get("mean"), recorded.get("std"), mean, std, c)
+    if float(images.min()) >= 0 and any(m > 0 for m in mean):
+        raise MkdtError(f"{images_path}: no negative value, so the images look like pixels in [0, 1] or [0, 255], not "
+                        f"normalised with mean {list(mean)}; save (pixel - mean) / std")
+    lr = None
+    if lr_path.is_file():
+        value = _load_pt_tensor(lr_path)
+        if value.numel() != 1 or not value.is_floating_point() or not float(value.reshape(())) > 0:
+            raise MkdtError(f"{lr_path}: must hold one positive learning rate, got {value.dtype} of shape "
+                            f"{tuple(value.shape)}")
+        lr = float(value.reshape(()))
+    source = manifest.get("source") or {}
+    meta = {k: source[k] for k in ("data_name", "fingerprint", "method", "iterations") if source.get(k) is not None}
+    meta.setdefault("data_name", folder.name)
+    return SyntheticSet(images.float().contiguous(), labels.float().contiguous(), mean, std, lr, None, meta)
+
+
+def _pt_normalisation(folder: Path, rec_mean: Any, rec_std: Any, mean: Sequence[float] | None,
+                      std: Sequence[float] | None, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if (mean is None) != (std is None):
+        raise MkdtError(f"{folder}: give both mean and std of the .pt set's normalisation, or neither")
+    if mean is None and rec_mean is None:
+        raise MkdtError(f"{folder}: no normalisation: no {PT_MANIFEST} beside images.pt; set mean=[...] and std=[...] "
+                        f"to the per-channel values its images were normalised with")
+    if mean is not None and rec_mean is not None:
+        same = len(mean) == len(rec_mean) and all(abs(float(a) - float(b)) <= 1e-6 for a, b in
+                                                  zip([*mean, *std], [*rec_mean, *rec_std]))
+        if not same:
+            raise MkdtError(f"{folder}: normalisation mismatch: {PT_MANIFEST} records mean {list(rec_mean)} std "
+                            f"{list(rec_std)}, the config gives mean {list(mean)} std {list(std)}; unset mean/std")
+    m = tuple(float(v) for v in (mean if mean is not None else rec_mean))
+    s = tuple(float(v) for v in (std if std is not None else rec_std))
+    if len(m) != channels or len(s) != channels:
+        raise MkdtError(f"{folder}: normalisation has {len(m)} mean / {len(s)} std values for {channels}-channel "
+                        f"images; give one per channel")
+    if not all(v > 0 for v in s):
+        raise MkdtError(f"{folder}: std {list(s)} must be positive")
+    return m, s

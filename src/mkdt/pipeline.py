@@ -27,6 +27,7 @@ from mkdt.config import (did_you_mean, dump_yaml, merge, overrides_tree, read_pr
 from mkdt.engine import ENV_KEEP_VERSIONS, Decision, Stage, decide, keep_versions, missing_inputs
 from mkdt.errors import ConfigError, MkdtError
 from mkdt.layout import RunLayout
+from mkdt.metrics import ENV_LOG, configured_loggers, parse_loggers
 from mkdt.progress import log
 from mkdt.runtime import Meter, resolve_device
 
@@ -74,6 +75,9 @@ class RunSettings:
     # --nproc_per_node=<processes>` (each worker gets cpu cores / processes threads). Results do not depend on it.
     processes: int = 1
     keep_versions: int | None = None  # earlier outputs kept per stage (null: MKDT_KEEP_VERSIONS, default 3)
+    # experiment loggers of every training loop, comma-separated: csv, tensorboard, wandb or none
+    # (null: --log / MKDT_LOG, default csv); a runtime setting, it changes no step's identity
+    log: str | None = None
 
     def check(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -84,6 +88,10 @@ class RunSettings:
         require(self.processes >= 1, "processes", "an integer >= 1", self.processes)
         require(self.keep_versions is None or self.keep_versions >= 0, "keep_versions", ">= 0 or null",
                 self.keep_versions)
+        if self.log is not None:
+            from mkdt.metrics import parse_loggers
+
+            parse_loggers(self.log, "run.log")
 
 
 @dataclass
@@ -279,6 +287,9 @@ def run_pipeline(doc: Mapping[str, Any], log_line: Callable[[str], None] | None 
     if run.settings.keep_versions is not None:
         os.environ[ENV_KEEP_VERSIONS] = str(run.settings.keep_versions)
     keep_versions()
+    if run.settings.log is not None:
+        os.environ[ENV_LOG] = ",".join(parse_loggers(run.settings.log, "run.log")) or "none"
+    configured_loggers()
     layout = run.layout
     state_path = layout.pipeline_state
     state: dict[str, Any] = {"steps": {}}

@@ -5,6 +5,10 @@ line through :mod:`logging` at most every ``min_interval`` seconds and at least 
 seconds (``distill 40/120 loss 0.871 lr 0.103 eta 3m10s``). The same lines always reach the run's
 ``mkdt.log`` (see :func:`log_to_file`), whatever the terminal shows. ``--quiet`` shows warnings only,
 ``--verbose`` adds debug lines. Under torchrun only rank 0 reports.
+
+Every numeric field of ``update(n, **fields)`` and ``set(**fields)`` also goes to the running stage's
+experiment loggers (:mod:`mkdt.metrics`: ``metrics.csv``, TensorBoard, W&B) as series ``desc`` at step
+``n``, so a loop that reports progress is logged without code of its own.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from mkdt import metrics
 
 log = logging.getLogger("mkdt")
 
@@ -139,6 +145,8 @@ class Progress:
         with self._lock:
             self.n += n
             self.fields.update({k: v for k, v in fields.items() if v is not None})
+            if fields:
+                metrics.active().log(self.desc, self.n, **fields)
             if self._bar is not None:
                 self._bar.update(n)
                 if self.fields:
@@ -149,10 +157,16 @@ class Progress:
                 self._emit()
 
     def set(self, **fields: Any) -> None:
-        """Update the shown values without a step."""
+        """Update the shown values without a step (they are logged at the current step)."""
         if self.enabled:
             with self._lock:
                 self.fields.update(fields)
+                metrics.active().log(self.desc, self.n, **fields)
+
+    def record(self, **fields: Any) -> None:
+        """Log scalars at the current step to the experiment loggers only (not shown in the line)."""
+        if self.enabled:
+            metrics.active().log(self.desc, self.n, **fields)
 
     def note(self, text: str) -> None:
         """A line that always shows (above the bar on a terminal)."""

@@ -10,6 +10,7 @@ from mkdt.baselines import krr_st
 from mkdt.baselines.krr_st import KrrFeatureNet, crop_flip, krr_predict
 from mkdt.errors import MkdtError
 from mkdt.formats import load_synthetic
+from mkdt.metrics import read_csv
 
 
 def _config(run, **kw):
@@ -76,6 +77,8 @@ def test_loss_decreases_and_output_is_recorded(digits_run):
     rows = [json.loads(line) for line in (digits_run.out / "krr_st" / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows]
     assert len(losses) == 30 and all(np.isfinite(losses))
+    logged = [r for r in read_csv(digits_run.out / "krr_st" / "metrics.csv") if r["name"] == "loss"]
+    assert [r["value"] for r in logged] == pytest.approx(losses, rel=1e-6)  # the experiment logger's copy
     assert np.median(losses[-5:]) < 0.8 * np.median(losses[:5])
     s = load_synthetic(result.outputs["set"])
     assert s.images.shape == (40, 1, 8, 8) and s.targets.shape == (40, 8) and s.lr is None

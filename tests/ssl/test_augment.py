@@ -5,7 +5,10 @@ import torch
 
 from mkdt.errors import MkdtError
 from mkdt.ssl import AugmentConfig, BatchAugment
-from mkdt.ssl.augment import adjust_hue, gaussian_blur, grayscale, hue_matrices, sample_crop_boxes
+from torchvision.transforms.v2 import functional as TF
+
+from mkdt.ssl.augment import (JITTER, adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, gaussian_blur,
+                              hsv_to_rgb, rgb_to_hsv, sample_crop_boxes)
 
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
 NOTHING = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0)
@@ -69,14 +72,55 @@ def test_grayscale_probability_one_gives_equal_channels():
     assert torch.allclose(out[:, 0], out[:, 1], atol=1e-5) and torch.allclose(out[:, 1], out[:, 2], atol=1e-5)
 
 
-def test_hue_rotation_keeps_grey_and_luma():
-    assert torch.allclose(hue_matrices(torch.zeros(2)), torch.eye(3).expand(2, 3, 3), atol=1e-5)
-    grey = torch.full((2, 3, 4, 4), 0.5)
-    assert torch.allclose(adjust_hue(grey, torch.tensor([0.1, -0.3])), grey, atol=1e-5)
-    x = torch.rand(4, 3, 5, 5, generator=gen(0)) * 0.5 + 0.25  # away from clamping
-    shifted = adjust_hue(x, torch.tensor([0.1, 0.2, -0.1, 0.05]))
-    assert torch.allclose(grayscale(shifted), grayscale(x), atol=1e-4)
-    assert not torch.allclose(shifted, x, atol=1e-3)
+TORCHVISION = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast,
+               "saturation": TF.adjust_saturation, "hue": TF.adjust_hue}
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_each_jitter_operation_equals_torchvision_per_image(channels):
+    x = torch.rand(12, channels, 9, 9, generator=gen(4))
+    x[0] = 0.5  # grey
+    x[1, :, :3] = 1.0  # saturated corners: clamping and hue ties
+    factors = {"brightness": torch.linspace(0.6, 1.4, 12), "contrast": torch.linspace(0.0, 1.4, 12),
+               "saturation": torch.linspace(0.0, 2.0, 12), "hue": torch.linspace(-0.5, 0.5, 12)}
+    ours = {"brightness": adjust_brightness, "contrast": adjust_contrast, "saturation": adjust_saturation,
+            "hue": adjust_hue}
+    for key, op in ours.items():
+        batched = op(x, factors[key])
+        for i in range(len(x)):
+            expected = TORCHVISION[key](x[i], float(factors[key][i]))
+            assert torch.allclose(batched[i], expected, atol=2e-6), (key, i)
+
+
+def test_hsv_round_trip_is_exact_enough_and_grey_has_no_hue():
+    x = torch.rand(8, 3, 6, 6, generator=gen(5))
+    assert torch.allclose(hsv_to_rgb(rgb_to_hsv(x)), x, atol=1e-6)
+    grey = rgb_to_hsv(torch.full((1, 3, 2, 2), 0.4))
+    assert torch.equal(grey[:, 0], torch.zeros(1, 2, 2)) and torch.equal(grey[:, 1], torch.zeros(1, 2, 2))
+
+
+def test_the_batched_jitter_equals_torchvision_in_each_images_order():
+    cfg = AugmentConfig(**{**NOTHING.__dict__, "jitter_p": 0.8})
+    aug = BatchAugment(cfg, MEAN, STD)
+    x = images(n=40).float() / 255
+    params = aug.sample(len(x), 12, 12, gen(6))
+    assert {tuple(p) for p in params["order"].tolist()} != {(0, 1, 2, 3)}  # orders really vary
+    out = aug.apply(x, params)
+    for i in range(len(x)):
+        expected = x[i]
+        if params["jitter"][i]:
+            for k in params["order"][i].tolist():
+                key = JITTER[k][0]
+                expected = TORCHVISION[key](expected, float(params[key][i]))
+        assert torch.allclose(out[i], expected, atol=3e-6), i
+    assert 0 < int(params["jitter"].sum()) < len(x)  # both kinds of image were compared
+
+
+def test_jitter_is_differentiable_for_mtt_ssl_views():
+    x = torch.rand(6, 3, 8, 8, generator=gen(7)).requires_grad_()
+    aug = BatchAugment(AugmentConfig(jitter_p=1.0), MEAN, STD)
+    aug.apply(x, aug.sample(6, 8, 8, gen(8))).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
 def test_jitter_changes_colours_and_blur_keeps_flat_images():

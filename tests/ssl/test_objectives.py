@@ -93,3 +93,51 @@ def test_loss_is_float32_and_rejects_bad_config():
         build_loss(ObjectiveConfig(name="byol"))
     with pytest.raises(MkdtError, match="temperature"):
         build_loss(ObjectiveConfig(name="simclr", temperature=0))
+
+
+def test_lars_step_matches_the_formula():
+    from mkdt.ssl.train import LARS
+
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))  # |w| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = LARS([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}], lr=0.5, momentum=0.9)
+    grads = [torch.tensor([0.0, 2.0]), torch.tensor([1.0, 0.0])]
+    velocity, expected_w = torch.zeros(2), w.detach().clone()
+    for step, g in enumerate(grads):
+        w.grad, b.grad = g.clone(), torch.tensor([2.0])
+        scale = 1e-3 * expected_w.norm() / (g.norm() + 0.1 * expected_w.norm() + 1e-8)
+        direction = (g + 0.1 * expected_w) * scale
+        velocity = direction if step == 0 else 0.9 * velocity + direction
+        expected_w = expected_w - 0.5 * velocity
+        opt.step()
+        assert torch.allclose(w.detach(), expected_w, atol=1e-7)
+    assert torch.allclose(b.detach(), torch.tensor([1.0 - 0.5 * 2.0 - 0.5 * (0.9 * 2.0 + 2.0)]))  # plain SGD + momentum
+    assert set(opt.state[w]) == {"momentum_buffer"}
+
+
+def test_same_numbers_and_parameter_names_as_lightly_when_installed():
+    lightly_loss = pytest.importorskip("lightly.loss")
+    from lightly.models.modules.heads import ProjectionHead as LightlyHead
+    from lightly.utils.lars import LARS as LightlyLARS
+
+    from mkdt.ssl.train import LARS
+
+    g = torch.Generator().manual_seed(3)
+    z_a, z_b = torch.randn(32, 16, generator=g), torch.randn(32, 16, generator=g)
+    ours = build_loss(ObjectiveConfig(lambda_offdiag=1 / 128))(z_a, z_b)
+    assert torch.allclose(ours, lightly_loss.BarlowTwinsLoss(lambda_param=1 / 128)(z_a, z_b), rtol=1e-5)
+    ours = build_loss(ObjectiveConfig(name="simclr", temperature=0.2))(z_a, z_b)
+    assert torch.allclose(ours, lightly_loss.NTXentLoss(temperature=0.2)(z_a, z_b), rtol=1e-5)
+    head = LightlyHead([(16, 8, nn.BatchNorm1d(8), nn.ReLU()), (8, 4, None, None)])
+    assert set(build_projector(ObjectiveConfig(projector_hidden=8, projector_out=4), 16).state_dict()) == \
+        set(head.state_dict())
+    params = [torch.nn.Parameter(torch.randn(5, 3, generator=g)) for _ in range(2)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    a, b = LARS([params[0]], lr=0.3, momentum=0.9, weight_decay=1e-4), LightlyLARS([twins[0]], lr=0.3, momentum=0.9,
+                                                                                 weight_decay=1e-4)
+    for _ in range(3):
+        grad = torch.randn(5, 3, generator=g)
+        params[0].grad, twins[0].grad = grad.clone(), grad.clone()
+        a.step()
+        b.step()
+    assert torch.allclose(params[0], twins[0], atol=1e-7)

@@ -48,7 +48,10 @@ WRAPPER = textwrap.dedent("""
 # - SGD, not Adam: the conv biases in front of batch norm have an exactly zero gradient, and Adam turns
 #   the float noise in it into full-size steps (in one process as much as in two);
 # - contiguous layout: torch's CPU batch-norm backward in channels-last layout was measured ~1e-3 off
-#   (relative, against float64) in one process, while the DDP path is ~1e-6 off in either layout.
+#   (relative, against float64) in one process, while the DDP path is ~1e-6 off in either layout;
+# - no colour jitter (grey digits have no colour to jitter): with torchvision's jitter (random order of
+#   brightness/contrast/saturation per image) one process's first conv came out 2.7e-5 apart between 1 and
+#   2 torch threads (2026-12-02), as far as two processes from one, against 1.2e-6 without it.
 CONFIG = textwrap.dedent("""
     teacher:
       data: {{name: digits, resolution: 16, channels: 3, indices: {indices}}}
@@ -57,6 +60,7 @@ CONFIG = textwrap.dedent("""
       objective: {{name: {objective}, projector_hidden: 16, projector_out: 32}}
       schedule: {{epochs: 2, batch_size: 64, optimizer: sgd, lr: {lr}, lr_schedule: onecycle,
                  channels_last: false}}
+      augment: {{jitter_p: 0.0}}
       knn_k: 20
 """)
 

@@ -45,6 +45,7 @@ from mkdt.progress import Progress, log
 from mkdt.runtime import derive_seed, generator, seeded
 
 LOG = "log.jsonl"
+VALIDATION_LOG = "validation.jsonl"
 
 
 @dataclass
@@ -452,6 +453,8 @@ def _write_outputs(config: DistillConfig, setup: Setup, state: DistillState, run
     save_grid(run.path("grid_initial.png"), initial.images, initial.mean, initial.std, config.grid_images)
     save_grid(run.path("grid_distilled.png"), final.images, initial.mean, initial.std, config.grid_images)
     save_loss_curve(run.path("loss.png"), state.log, state.validation)
+    if state.validation:  # the held-out experts' loss, for reports
+        _rewrite_log(run.path(VALIDATION_LOG), state.validation)
     losses = [r["loss"] for r in state.log if r["loss"] is not None]
     head = losses[: max(1, min(10, len(losses)))]
     tail = losses[-max(1, min(10, len(losses))):]

@@ -6,7 +6,8 @@ targets for 20 epochs with SGD (momentum 0.9, weight decay 1e-4, batch 256) thro
 distilled set and 0.1 otherwise. The head is discarded and the encoder's state dict saved with everything
 the probe needs to use it correctly (architecture, input shape, the pre-training normalisation).
 
-Kinds: ``distilled`` / ``subset`` (a ``save_synthetic`` file), ``full`` (source data + teacher targets,
+Kinds: ``distilled`` / ``subset`` (an mkdt ``.safetensors`` set, or a ``.pt`` set: ``images.pt`` / ``labels.pt`` /
+``lr.pt`` as ``mkdt export`` and DD-Ranking write them), ``full`` (source data + teacher targets,
 the upper bound), ``ssl`` (Barlow Twins on a real subset, through ``mkdt.ssl`` when installed) and
 ``none`` (random init, the no-pre-training baseline).
 """
@@ -27,7 +28,7 @@ from mkdt.config import StageConfig, require
 from mkdt.data import DataConfig, load_dataset
 from mkdt.engine import Stage, StageResult, StageRun, run_stage
 from mkdt.errors import MkdtError
-from mkdt.formats import SyntheticSet, load_synthetic, load_targets
+from mkdt.formats import SyntheticSet, is_pt_set, load_set, load_targets
 from mkdt.layout import ENCODER_FILE, RunLayout
 from mkdt.models import ModelConfig, build_model
 from mkdt.progress import Progress
@@ -68,7 +69,12 @@ class PretrainConfig(StageConfig):
 
     kind: str = "distilled"  # distilled, subset, full, ssl or none (random init, no pre-training)
     name: str | None = None  # output folder <out>/pretrain/<name>; defaults to kind
-    source: str | None = None  # the set file (distilled/subset/ssl); default: the run's distilled set or random subset
+    # the set (distilled/subset/ssl): an mkdt .safetensors set, or a .pt set (a folder, or its images.pt,
+    # holding images.pt / labels.pt / lr.pt as `mkdt export` and DD-Ranking write); default: the run's
+    # distilled set or random subset
+    source: str | None = None
+    mean: list[float] | None = None  # a .pt set without manifest.json: the per-channel mean of its normalisation
+    std: list[float] | None = None  # a .pt set without manifest.json: the per-channel std of its normalisation
     data: DataConfig = dataclasses.field(default_factory=DataConfig)  # the source data (kinds full and none)
     targets: str | None = None  # full: the teacher targets (default: the run's targets/targets.safetensors)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # the encoder
@@ -83,6 +89,9 @@ class PretrainConfig(StageConfig):
         name = self.name or self.kind
         require(re.fullmatch(r"[A-Za-z0-9_.-]+", name) and name not in (".", ".."), "name",
                 "a plain folder name (letters, digits, _ . -)", name)
+        require((self.mean is None) == (self.std is None), "mean", "given together with std (or both null)",
+                self.mean)
+        require(self.std is None or all(v > 0 for v in self.std), "std", "positive values", self.std)
         require(self.recipe is None or self.kind in ("distilled", "subset"), "recipe",
                 "null unless kind is distilled or subset (a set file records recipes)", self.recipe)
 
@@ -140,10 +149,10 @@ def input_files(cfg: PretrainConfig) -> dict[str, Path | None]:
 
 def from_synthetic(cfg: PretrainConfig) -> TrainingSet:
     path = source_path(cfg)
-    if not path.is_file():
+    if not path.exists():
         raise MkdtError(f"{path}: set file not found; create it (`mkdt init`, `mkdt distill`) or point "
                         f"source=<file> at one, e.g. <out>/subsets/random/subset.safetensors from `mkdt subset`")
-    syn: SyntheticSet = load_synthetic(path)
+    syn: SyntheticSet = load_set(path, mean=cfg.mean, std=cfg.std)
     if cfg.kind == "distilled":
         if cfg.schedule.lr is not None:
             lr = cfg.schedule.lr
@@ -174,7 +183,7 @@ def from_full(cfg: PretrainConfig) -> TrainingSet:
 def from_data_only(cfg: PretrainConfig) -> TrainingSet:
     """``none``: only the input shape and normalisation of the source data matter."""
     if cfg.source:
-        syn = load_synthetic(cfg.source)
+        syn = load_set(cfg.source, mean=cfg.mean, std=cfg.std)
         _, c, h, _ = syn.images.shape
         return TrainingSet(None, None, syn.mean, syn.std, 0.0, str(cfg.source),
                            str(syn.meta.get("data_name", Path(cfg.source).stem)), c, h, syn.meta.get("fingerprint"))
@@ -191,8 +200,8 @@ def with_recipe(cfg: PretrainConfig) -> PretrainConfig:
     if not cfg.recipe:
         return cfg
     path = source_path(cfg)
-    if not path.is_file():
-        raise MkdtError(f"{path}: set file not found; it must exist to read its recipe '{cfg.recipe}'")
+    if not path.is_file() or is_pt_set(path):
+        raise MkdtError(f"{path}: mkdt set file not found; it must exist to read its recipe '{cfg.recipe}'")
     recipes = read_metadata(path).get("recipes") or {}
     if cfg.recipe not in recipes:
         names = ", ".join(sorted(recipes)) or "none"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -102,7 +103,11 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
 
 
 def bar_chart(rows: list[dict[str, Any]], path: str | os.PathLike, title: str = "linear-probe accuracy") -> Path:
-    """Grouped bars (groups: downstream/protocol/labels; bars: methods) with std error bars, as PNG."""
+    """Grouped bars (groups: downstream/protocol/labels; bars: methods) with std error bars, as PNG.
+
+    The accuracy axis spans the results (with a margin), not 0-100, so differences of a point show; bars
+    rise from the axis floor, which the axis label states. The legend sits outside the plot.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
@@ -111,7 +116,12 @@ def bar_chart(rows: list[dict[str, Any]], path: str | os.PathLike, title: str = 
     methods = _methods(rows)
     groups = _groups(rows)
     cells = {(r["downstream"], r["protocol"], r["percent"], r["method"]): r for r in rows}
-    fig = Figure(figsize=(max(6.0, 1.2 + 0.35 * len(groups) * max(1, len(methods))), 4.5))
+    shown = [r for r in rows if r["mean"] is not None]
+    low = min((r["mean"] - (r["std"] or 0.0) for r in shown), default=0.0)
+    high = max((r["mean"] + (r["std"] or 0.0) for r in shown), default=100.0)
+    pad = max(0.5, 0.15 * (high - low))
+    floor = float(max(0, math.floor(low - pad)))
+    fig = Figure(figsize=(max(6.5, 2.6 + 0.35 * len(groups) * max(1, len(methods))), 4.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / max(1, len(methods))
@@ -122,21 +132,28 @@ def bar_chart(rows: list[dict[str, Any]], path: str | os.PathLike, title: str = 
             if r is None or r["mean"] is None:
                 continue
             xs.append(i - 0.4 + width * (j + 0.5))
-            heights.append(r["mean"])
+            heights.append(r["mean"] - floor)
             errs.append(r["std"] or 0.0)
             hatches.append("//" if r["collapsed"] else "")
-        bars = ax.bar(xs, heights, width, yerr=errs, capsize=2, color=f"C{j % 10}")
+        bars = ax.bar(xs, heights, width, bottom=floor, yerr=errs, capsize=3, color=f"C{j % 10}",
+                      error_kw={"elinewidth": 1.0, "ecolor": "black"})
         for bar, hatch in zip(bars, hatches):
             bar.set_hatch(hatch)
+    ax.set_ylim(floor, min(100.0, high + pad) if high + pad > floor else floor + 1)
     ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([f"{d}\n{p} {_percent_text(q)}" for d, p, q in groups], fontsize=7)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title + (" (hatched: collapsed)" if any(r["collapsed"] for r in rows) else ""))
+    ax.set_xticklabels([f"{d}\n{p} {_percent_text(q)}" for d, p, q in groups], fontsize=8)
+    ax.set_ylabel(f"test accuracy (%), axis from {floor:.1f}")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.set_title(title + " — mean ± std over seeds" + (" (hatched: collapsed)" if any(r["collapsed"] for r in rows)
+                                                       else ""), fontsize=10)
     if methods:  # plain legend patches: a hatched first bar must not make a method look collapsed
-        ax.legend([Patch(facecolor=f"C{j % 10}") for j in range(len(methods))], methods, fontsize=7)
+        ax.legend([Patch(facecolor=f"C{j % 10}") for j in range(len(methods))], methods, fontsize=8,
+                  loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, title="method",
+                  title_fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format="png", dpi=110)
     return path
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from mkdt.errors import MkdtError
 from mkdt.models.convnet import ConvNet
+from mkdt.models.external import PREFIXES, build_external, check_name, timm_available
 from mkdt.models.resnet import CifarResNet
 
 
@@ -16,6 +17,8 @@ from mkdt.models.resnet import CifarResNet
 class ModelConfig:
     """Architecture choice; fields a model does not use are ignored by it."""
 
+    # a registered name (see `mkdt list`), torchvision:<name> (e.g. torchvision:resnet18) or timm:<name>
+    # (when timm is installed): fresh weights, first conv adapted to the data's channels
     name: str = "convnet"
     width: int | None = None  # None = the model's standard width (ConvNet 128, ResNet 64)
     depth: int = 3
@@ -25,8 +28,12 @@ class ModelConfig:
     def check(self) -> None:
         from mkdt.config import require
 
+        if isinstance(self.name, str) and self.name.startswith(PREFIXES):
+            want = check_name(self.name)
+            require(want is None, "name", want or "", self.name)
+            return
         require(self.name in MODELS, "name", f"one of {', '.join(available_models())}", self.name,
-                "or register your own with mkdt.models.register_model")
+                "or torchvision:<name>, timm:<name>, or register your own with mkdt.models.register_model")
         require(self.width is None or self.width >= 1, "width", "at least 1 or null", self.width)
         require(self.depth >= 1, "depth", "at least 1", self.depth)
 
@@ -79,7 +86,8 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
 
 
 def available_models() -> list[str]:
-    return sorted(MODELS)
+    """Registered names, then the name patterns of torchvision's and (when installed) timm's models."""
+    return sorted(MODELS) + ["torchvision:<name>"] + (["timm:<name>"] if timm_available() else [])
 
 
 def build_model(
@@ -99,6 +107,8 @@ def build_model(
     cfg = name if isinstance(name, ModelConfig) else ModelConfig(name=name)
     if overrides:
         cfg = ModelConfig(**{**cfg.to_dict(), **overrides})
+    if cfg.name.startswith(PREFIXES):
+        return build_external(cfg.name, in_channels, head_dim)
     if cfg.name not in MODELS:
         raise MkdtError(f"unknown model '{cfg.name}'; choose one of {', '.join(available_models())}")
     return MODELS[cfg.name](cfg, in_channels, resolution, head_dim)

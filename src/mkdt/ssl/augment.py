@@ -1,19 +1,21 @@
 """Batched SimCLR-style augmentations with per-image random parameters, on the training device.
 
-Why not ``kornia.augmentation``: measured on the project's 2-core CPU for a 256 x 3 x 32 x 32 batch,
-RandomResizedCrop + flip + ColorJitter(p 0.8) + RandomGrayscale(p 0.2) from kornia 0.9 took 0.4-0.6 s
-per view (its HSV hue shift alone ~65 ms, saturation ~20 ms, crop ~15-120 ms), more than half of a
-ResNet-18 (width 16) training step on two views. The same operations written as a few batched tensor
-ops (one ``grid_sample`` for crop + flip, 3x3 colour matrices per image) cost a few milliseconds, so
-they are written here. The parameter ranges are the torchvision/kornia ones.
+Why not ``kornia.augmentation`` or torchvision's per-image transforms: measured by
+``benchmarks/augment_speed.py`` on the project's 2-core CPU (one thread, a 256 x 3 x 32 x 32 batch, the
+SimCLR CIFAR recipe, run round-robin on a shared core; docs/RESULTS.md, augment_speed), one view takes
+50-84 ms (minimum-median) here, 73-101 ms with kornia 0.9 and 353-467 ms with torchvision v2 image by
+image. The operations are a few batched tensor ops (one ``grid_sample`` for crop + flip, blends and an
+HSV round trip for the jitter). The parameter ranges are torchvision's.
 
 Every random parameter is drawn on the CPU from an explicit ``torch.Generator`` in a fixed order and
 only then moved to the device, so a seed gives the same views on CPU and CUDA and nothing touches
 torch's global generator.
 
-Hue is rotated about the grey axis in YIQ space (a linear, per-image 3x3 matrix) instead of shifting
-the HSV hue channel; both move colours around the hue circle by the same angle for grey-balanced
-colours, and the linear form is an order of magnitude cheaper.
+The colour jitter is torchvision's ``ColorJitter``, batched: brightness, contrast and saturation blend
+with black, the grey mean and the grey image (luma weights 0.2989/0.587/0.114), hue shifts the HSV hue
+channel, every result is clamped to [0, 1], and each image applies the four in its own random order
+(torchvision draws one permutation per call). tests/ssl/test_augment.py checks it against
+``torchvision.transforms.v2.functional`` on the same parameters.
 """
 
 from __future__ import annotations
@@ -28,8 +30,7 @@ import torch.nn.functional as F
 from mkdt.config import require, validate
 from mkdt.errors import MkdtError
 
-GRAY_WEIGHTS = (0.299, 0.587, 0.114)
-_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 CROP_ATTEMPTS = 10
 
 
@@ -125,41 +126,90 @@ def _per_image(v: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (x * _per_image(factor)).clamp_(0, 1)
+    """Blend with black: ``clamp(f * x)``."""
+    return (x * _per_image(factor)).clamp(0, 1)
 
 
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with the image's mean grey level: ``clamp(f * x + (1 - f) * mean(gray(x)))``."""
     mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
     f = _per_image(factor)
-    return (f * x + (1 - f) * mean).clamp_(0, 1)
+    return (f * x + (1 - f) * mean).clamp(0, 1)
 
 
 def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with the grey image: ``clamp(f * x + (1 - f) * gray(x))``; single-channel images are unchanged."""
     if x.shape[1] != 3:
         return x
     f = _per_image(factor)
-    return (f * x + (1 - f) * grayscale(x)).clamp_(0, 1)
+    return (f * x + (1 - f) * grayscale(x)).clamp(0, 1)
 
 
-def hue_matrices(shift: torch.Tensor) -> torch.Tensor:
-    """Per-image 3x3 RGB matrices rotating hue by ``shift`` turns (YIQ rotation about the grey axis)."""
-    angle = shift * 2 * math.pi
-    cos, sin = angle.cos(), angle.sin()
-    rot = torch.zeros(len(shift), 3, 3, dtype=shift.dtype)
-    rot[:, 0, 0] = 1
-    rot[:, 1, 1] = cos
-    rot[:, 1, 2] = -sin
-    rot[:, 2, 1] = sin
-    rot[:, 2, 2] = cos
-    to_yiq = _RGB_TO_YIQ.to(shift.dtype)
-    return torch.linalg.inv(to_yiq) @ rot @ to_yiq
+def _hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hue in [0, 1), saturation and value (N x H x W each) of RGB images in [0, 1]; grey has hue and
+    saturation 0."""
+    r, g, b = x.unbind(1)
+    high, low = x.amax(dim=1), x.amin(dim=1)
+    span = high - low
+    grey = span == 0
+    sat = span / torch.where(grey, torch.ones_like(high), high)
+    span = torch.where(grey, torch.ones_like(span), span)
+    red_max = high == r
+    green_max = (high == g) & ~red_max
+    # the hue sector relative to the maximal channel: (g - b), 2 + (b - r), 4 + (r - g), in units of the span
+    sector = torch.where(red_max, (g - b) / span,
+                         torch.where(green_max, 2.0 + (b - r) / span, 4.0 + (r - g) / span))
+    hue = torch.where(grey, torch.zeros_like(sector), torch.remainder(sector / 6.0, 1.0))
+    return hue, sat, high
+
+
+def _rgb(hue: torch.Tensor, sat: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+    """RGB (N x 3 x H x W) of HSV planes: channel ``c = v - v s clamp(min(k, 4 - k), 0, 1)`` with
+    ``k = (n + 6 h) mod 6``, n = 5, 3, 1 for red, green, blue (the six-sector rule without branches)."""
+    six = hue * 6.0
+    vs = val * sat
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(six + n, 6.0)
+        channels.append(val - vs * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0))
+    return torch.stack(channels, dim=1)
+
+
+def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    """RGB in [0, 1] (N x 3 x H x W) -> HSV (N x 3 x H x W) with hue in [0, 1)."""
+    return torch.stack(_hsv(x), dim=1)
+
+
+def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rgb_to_hsv`."""
+    return _rgb(*x.unbind(1))
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Shift the HSV hue of every image by its ``shift`` (a fraction of the hue circle, in [-0.5, 0.5])."""
     if x.shape[1] != 3:
         return x
-    m = hue_matrices(shift.float()).to(x.device, x.dtype)
-    return torch.einsum("nij,njhw->nihw", m, x).clamp_(0, 1)
+    hue, sat, val = _hsv(x)
+    hue = torch.remainder(hue + shift.to(x.device, x.dtype).view(-1, 1, 1), 1.0)
+    return _rgb(hue, sat, val).clamp(0, 1)
+
+
+JITTER = (("brightness", adjust_brightness), ("contrast", adjust_contrast), ("saturation", adjust_saturation),
+          ("hue", adjust_hue))  # torchvision's ColorJitter numbering of the four operations
+
+
+def color_jitter(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The four jitter operations, each image in its own order ``params["order"][i]`` (a permutation of
+    0..3 in :data:`JITTER` numbering); images whose ``params["jitter"]`` is off are left as they are."""
+    order, on = params["order"], params["jitter"]
+    for slot in range(len(JITTER)):
+        for k, (key, op) in enumerate(JITTER):
+            rows = ((order[:, slot] == k) & on).nonzero().flatten()
+            if len(rows) == 0:
+                continue
+            where = rows.to(x.device)
+            x = x.index_copy(0, where, op(x.index_select(0, where), params[key][rows].to(x.device)))
+    return x
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -208,6 +258,7 @@ class BatchAugment:
             "blur": _bernoulli(n, c.blur_p, generator),
             "sigma": _uniform(n, c.blur_sigma[0], c.blur_sigma[1], generator),
             "solarize": _bernoulli(n, c.solarize_p, generator),
+            "order": torch.rand(n, len(JITTER), generator=generator).argsort(dim=1),  # each image's jitter order
         }
         off = ~params["jitter"]
         for key in ("brightness", "contrast", "saturation"):
@@ -217,13 +268,9 @@ class BatchAugment:
 
     def apply(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """Augment float images in [0, 1] with given parameters (deterministic)."""
-        dev = x.device
         x = crop_flip(x, params["boxes"], params["flip"])
         if params["jitter"].any():
-            x = adjust_brightness(x, params["brightness"].to(dev))
-            x = adjust_contrast(x, params["contrast"].to(dev))
-            x = adjust_saturation(x, params["saturation"].to(dev))
-            x = adjust_hue(x, params["hue"])
+            x = color_jitter(x, params)
         if x.shape[1] == 3 and params["gray"].any():
             x = _blend(params["gray"], grayscale(x).expand_as(x), x)
         if params["blur"].any():

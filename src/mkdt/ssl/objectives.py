@@ -1,21 +1,29 @@
-"""SSL objectives (Barlow Twins, SimCLR) and their projection heads, built from lightly's modules.
+"""SSL objectives (Barlow Twins, SimCLR) and their projection heads.
 
-lightly's ``BarlowTwinsLoss`` computes ``sum_i (1 - C_ii)^2 + lambda_param * sum_{i != j} C_ij^2`` on
-the cross-correlation ``C`` of the batch-standardised projections, so ``lambda_param`` is exactly the
-off-diagonal weight of the paper's recipe (1/128, the mix-bt value). Projectors follow the paper's recipe: Barlow
-Twins Linear(no bias)-BN-ReLU-Linear to 1024 with a 512 hidden layer (mix-bt's CIFAR head); SimCLR
-Linear-BN-ReLU-Linear-BN to 128.
+Barlow Twins: ``sum_i (1 - C_ii)^2 + lambda * sum_{i != j} C_ij^2`` on the cross-correlation ``C`` of
+the batch-standardised projections (mean 0, biased variance 1, eps 1e-5 as batch norm), so ``lambda`` is
+exactly the off-diagonal weight of the paper's recipe (1/128, the mix-bt value). SimCLR: NT-Xent, the
+cross-entropy of each of the 2N normalised projections against the other 2N - 1 at temperature ``t``,
+its other view being the positive. Projectors follow the paper's recipe: Barlow Twins
+Linear(no bias)-BN-ReLU-Linear to 1024 with a 512 hidden layer (mix-bt's CIFAR head); SimCLR
+Linear-BN-ReLU-Linear-BN to 128. tests/ssl/test_objectives.py checks both losses against the formulas
+written out element by element.
+
+Why written here rather than taken from lightly: these two losses, the heads and LARS are about a
+hundred lines, while lightly pulled pytorch-lightning, hydra-core, omegaconf, aiohttp and more into every
+installation (measured in docs/install.md). The modules keep lightly's parameter names (a head's
+``layers.<i>``, LARS's ``momentum_buffer``), so checkpoints and SSL experts written with it still load.
 
 Losses are evaluated in float32 even under autocast: the Barlow Twins cross-correlation and the
 NT-Xent softmax lose too much precision in bfloat16/float16.
 
 Under torchrun (DDP) both the loss and every batch norm see the *global* batch, so training equals one
-process with the whole batch. lightly's own ``gather_distributed`` does not give that for Barlow Twins:
-it standardises each rank's shard with that shard's statistics and averages the per-rank
-cross-correlations. Instead :func:`gather_batch` concatenates the projections of all ranks (gradients
-flow back) and every rank evaluates the single-process loss on the whole batch, and
-every batch norm becomes torch's ``SyncBatchNorm`` on CUDA or :class:`GlobalBatchNorm` on the CPU,
-which normalise with statistics over every rank's rows.
+process with the whole batch. Standardising each rank's shard with that shard's statistics and
+averaging the per-rank cross-correlations (lightly's ``gather_distributed``) would not. Instead
+:func:`gather_batch` concatenates the projections of all ranks (gradients flow back) and every rank
+evaluates the single-process loss on the whole batch, and every batch norm becomes torch's
+``SyncBatchNorm`` on CUDA or :class:`GlobalBatchNorm` on the CPU, which normalise with statistics over
+every rank's rows.
 """
 
 from __future__ import annotations
@@ -26,8 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
-from lightly.loss import BarlowTwinsLoss, NTXentLoss
-from lightly.models.modules.heads import ProjectionHead, SimCLRProjectionHead
+import torch.nn.functional as F
 from torch import nn
 
 from mkdt.config import require, validate
@@ -62,15 +69,80 @@ class ObjectiveConfig:
         return self.projector_hidden or hidden, self.projector_out or out
 
 
+class ProjectionHead(nn.Module):
+    """Linear layers, each with optional batch norm and activation; a linear layer followed by batch norm
+    has no bias (the norm's shift replaces it). Parameters are ``layers.<i>.*``."""
+
+    def __init__(self, blocks: list[tuple[int, int, bool, bool]]):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for width_in, width_out, batch_norm, relu in blocks:
+            layers.append(nn.Linear(width_in, width_out, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(width_out))
+            if relu:
+                layers.append(nn.ReLU())
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
 def build_projector(config: ObjectiveConfig, feature_dim: int) -> nn.Module:
     """The projection head that sits between the representation and the loss (discarded afterwards)."""
     validate(config, "objective.")
     hidden, out = config.projector_dims()
     if config.name == "barlow_twins":
         widths = [feature_dim] + [hidden] * (config.projector_layers - 1)
-        blocks = [(a, b, nn.BatchNorm1d(b), nn.ReLU()) for a, b in zip(widths[:-1], widths[1:])]
-        return ProjectionHead([*blocks, (widths[-1], out, None, None)])
-    return SimCLRProjectionHead(feature_dim, hidden, out, num_layers=2, batch_norm=True)
+        blocks = [(a, b, True, True) for a, b in zip(widths[:-1], widths[1:])]
+        return ProjectionHead([*blocks, (widths[-1], out, False, False)])
+    return ProjectionHead([(feature_dim, hidden, True, True), (hidden, out, True, False)])
+
+
+def standardise(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Each column to mean 0 and (biased) variance 1 over the batch, as a batch norm without parameters."""
+    mean = z.mean(dim=0, keepdim=True)
+    var = (z - mean).pow(2).mean(dim=0, keepdim=True)
+    return (z - mean) * torch.rsqrt(var + eps)
+
+
+def barlow_twins_loss(z_a: torch.Tensor, z_b: torch.Tensor, lambda_offdiag: float) -> torch.Tensor:
+    """``sum_i (1 - C_ii)^2 + lambda * sum_{i != j} C_ij^2``, ``C`` the cross-correlation of the standardised views."""
+    c = standardise(z_a).T @ standardise(z_b) / z_a.shape[0]
+    diagonal = torch.diagonal(c)
+    on = (diagonal - 1).pow(2).sum()
+    off = c.pow(2).sum() - diagonal.pow(2).sum()
+    return on + lambda_offdiag * off
+
+
+def nt_xent_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent: mean over the 2N projections of ``-log softmax`` of the similarity to the other view among
+    the other 2N - 1 (cosine similarities divided by ``temperature``)."""
+    n = z_a.shape[0]
+    z = F.normalize(torch.cat([z_a, z_b]), dim=1)
+    logits = z @ z.T / temperature
+    self_pairs = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_pairs, float("-inf"))
+    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(logits, positives)
+
+
+class BarlowTwinsLoss(nn.Module):
+    def __init__(self, lambda_offdiag: float):
+        super().__init__()
+        self.lambda_offdiag = lambda_offdiag
+
+    def forward(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
+        return barlow_twins_loss(z_a, z_b, self.lambda_offdiag)
+
+
+class NTXentLoss(nn.Module):
+    def __init__(self, temperature: float):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
+        return nt_xent_loss(z_a, z_b, self.temperature)
 
 
 class SSLLoss(nn.Module):
@@ -83,9 +155,9 @@ class SSLLoss(nn.Module):
         self.name = config.name
         self.global_batch = global_batch
         if config.name == "barlow_twins":
-            self.loss: nn.Module = BarlowTwinsLoss(lambda_param=config.lambda_offdiag)
+            self.loss: nn.Module = BarlowTwinsLoss(config.lambda_offdiag)
         else:
-            self.loss = NTXentLoss(temperature=config.temperature, memory_bank_size=0)
+            self.loss = NTXentLoss(config.temperature)
 
     def forward(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
         if self.global_batch:

@@ -119,7 +119,7 @@ def end_cos(a: float, b: float, t: float) -> float:
 
 def build_optimizer(params: list[tuple[str, nn.Parameter]], schedule: SSLSchedule) -> torch.optim.Optimizer:
     """Adam / AdamW / SGD / LARS; for LARS and SGD, biases and norm weights get no weight decay (and so,
-    in lightly's LARS, no layer-wise scaling), as in SimCLR/BYOL."""
+    in :class:`LARS`, no layer-wise scaling), as in SimCLR/BYOL."""
     if schedule.optimizer in ("adam", "adamw"):
         cls = torch.optim.Adam if schedule.optimizer == "adam" else torch.optim.AdamW
         return cls([p for _, p in params], lr=schedule.lr, weight_decay=schedule.weight_decay)
@@ -128,8 +128,6 @@ def build_optimizer(params: list[tuple[str, nn.Parameter]], schedule: SSLSchedul
     groups = [{"params": decay, "weight_decay": schedule.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if schedule.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=schedule.lr, momentum=schedule.momentum)
-    from lightly.utils.lars import LARS
-
     return LARS(groups, lr=schedule.lr, momentum=schedule.momentum)
 
 
@@ -139,6 +137,51 @@ def channels_last_safe(model: nn.Module) -> bool:
     above (tests/ssl/test_train.py shows the guard keeps it in the default layout); 16 channels and more work."""
     return all(m.in_channels >= 16 or m.in_channels <= 3 for m in model.modules() if isinstance(m, nn.Conv2d)) \
         and all(m.out_channels >= 16 for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You, Gitman & Ginsburg 2017, eq. 6).
+
+    For a parameter ``p`` with gradient ``g`` in a group with weight decay ``wd > 0`` (and both norms
+    non-zero), the step direction is ``d = trust * |p| / (|g| + wd |p| + eps) * (g + wd p)``; in a group
+    with ``wd = 0`` (biases, norm weights) it is ``g``, unscaled, as in SimCLR and BYOL. Then
+    ``v = momentum * v + d`` (``v = d`` at the first step) and ``p -= lr * v``. The velocity is kept as
+    ``momentum_buffer``, the name lightly's and torch's SGD use, so their checkpoints resume.
+    """
+
+    def __init__(self, params: Any, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+                 trust_coefficient: float = 1e-3, eps: float = 1e-8):
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError(f"LARS needs lr, momentum and weight_decay >= 0, got {lr}, {momentum}, {weight_decay}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust_coefficient=trust_coefficient, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            wd, momentum = group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if wd != 0:
+                    p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad)
+                    if p_norm != 0 and g_norm != 0:
+                        scale = group["trust_coefficient"] * p_norm / (g_norm + wd * p_norm + group["eps"])
+                        d = (d + wd * p) * scale
+                if momentum != 0:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = d.detach().clone()
+                    else:
+                        state["momentum_buffer"].mul_(momentum).add_(d)
+                    d = state["momentum_buffer"]
+                p.add_(d, alpha=-group["lr"])
+        return loss
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -411,6 +454,8 @@ class SSLTrainer:
                     record.update(self._on_main(lambda: _timed(monitor)))
                     progress.note(f"{desc} epoch {epoch}: " + ", ".join(
                         f"{k} {v}" for k, v in record.items() if k in ("loss", "knn")))
+                progress.record(**{f"epoch_{k}": v for k, v in record.items()
+                                    if k in ("loss", "knn", "images_per_second")})
                 self.history.append(record)
                 self._persist(checkpoint, identity, log_path)
                 if on_epoch_end is not None:
