@@ -85,3 +85,21 @@ def replace_section(name: str, markdown: str, path: Path = RESULTS_MD) -> None:
     else:
         updated = current.rstrip("\n") + "\n\n" + text + "\n"
     atomic_write_text(path, updated)
+
+
+def machine() -> dict[str, Any]:
+    """The CPU a figure was measured on (model, the vector / matrix flags that change speeds), its cores and
+    the load average when called: speeds are comparable only within one machine and one run."""
+    model, flags = "?", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name") and model == "?":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags |= {flag for flag in line.split(":", 1)[1].split()
+                              if flag == "avx2" or flag.startswith(("avx512", "amx"))}
+    except OSError:
+        pass
+    load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    return {"cpu": model, "flags": sorted(flags), "cores": os.cpu_count(), "load_average": load}

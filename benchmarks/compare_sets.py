@@ -1,5 +1,9 @@
-"""Experiment tool: pre-train the cifar10-cpu student on each given 1,000-image set and linear-probe it on
-CIFAR-10 (both protocols, 1% / 5% labels), one encoder per seed as the benchmark's ``run.eval_seeds`` does.
+"""Experiment tool: pre-train the cifar10-cpu student on each given set and linear-probe it on CIFAR-10
+(both protocols, 1% / 5% labels), one encoder per seed as the benchmark's ``run.eval_seeds`` does.
+
+The probe uses the VALIDATION protocol by default (labelled subsets and accuracy both from the train split:
+a fixed held-out 10%, see ``mkdt.evaluate.probing``), the one to choose settings on; ``--evaluation test``
+is for final configurations only.
 
 For the questions the CIFAR-10 benchmark raises (does this distillation setting beat its initial set?)
 without re-running the whole pipeline: give the sets written by ``mkdt init`` / ``mkdt distill`` /
@@ -9,7 +13,8 @@ pipeline's numbers.
     python benchmarks/compare_sets.py --data ../shared/data/cifar10-jpeg.tar.gz --out runs/compare \\
         --subset random=runs/x/init/random.safetensors --distilled mkdt=runs/x/distill/synthetic.safetensors
 
-Writes ``benchmarks/results/compare_sets.json`` and its section of ``docs/RESULTS.md`` unless ``--no-write``.
+Writes ``benchmarks/results/compare_sets[_validation].json`` and its section of ``docs/RESULTS.md`` unless
+``--no-write``.
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-write", action="store_true", help="only print the table")
+    p.add_argument("--evaluation", choices=("validation", "test"), default="validation",
+                   help="validation (held-out 10%% of the train split; for choosing) or test (final configurations)")
+    p.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="pre-training setting for every set, e.g. schedule.epochs=80")
     args = p.parse_args(argv)
     if not args.subset and not args.distilled:
         p.error("give at least one --subset or --distilled NAME=FILE")
@@ -72,13 +81,16 @@ def evaluate_set(name: str, kind: str, path: Path, args: argparse.Namespace) -> 
         run = f"{name}_seed{seed}"
         common = {"out": str(out), "seed": seed, "device": args.device, "name": run}
         encoder = pretrain(resolve(PretrainConfig, preset="cifar10-cpu", section="pretrain",
-                                   values={**common, "kind": kind, "source": str(path)})).outputs["encoder"]
+                                   values={**common, "kind": kind, "source": str(path)},
+                                   overrides=args.pretrain_set)).outputs["encoder"]
         result = probe(resolve(ProbeConfig, preset="cifar10-cpu", section="probe",
                                values={**common, "encoder": str(encoder), "seeds": [seed], "percents": [1.0, 5.0],
+                                       "evaluation": args.evaluation,
                                        "downstream": [{"name": "imagefolder",
                                                        "root": str(Path(args.data).resolve())}]}))
         parts.append(result.outputs["results"])
-    return combine_probe_results(parts, out / "probe" / name / "results.json", name)
+    merged = name if args.evaluation == "test" else f"{name}-validation"
+    return combine_probe_results(parts, out / "probe" / merged / "results.json", merged)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,16 +103,20 @@ def main(argv: list[str] | None = None) -> int:
     sets = named_sets(args)
     results = {name: evaluate_set(name, kind, path, args) for name, kind, path in sets}
     table = markdown_table(results_table(results), [name for name, _, _ in sets])
-    print(table)
+    print(f"{args.evaluation} protocol\n{table}")
     if args.no_write:
         return 0
     command, date = _report.command_line(argv), _report.now()
-    payload = {"command": command, "date": date, "seeds": args.seeds,
+    name = NAME if args.evaluation == "test" else f"{NAME}_validation"
+    payload = {"command": command, "date": date, "evaluation": args.evaluation, "seeds": args.seeds,
                "sets": {name: {"kind": kind, "file": str(path)} for name, kind, path in sets},
                "results": {name: res["summary"] for name, res in results.items()}}
-    _report.write_results_json(NAME, payload)
-    _report.replace_section(NAME, "\n".join([
-        "## Comparing sets on the CIFAR-10 probe (`benchmarks/compare_sets.py`)", "",
+    _report.write_results_json(name, payload)
+    where = ("the CIFAR-10 test split" if args.evaluation == "test"
+             else "a held-out 10% of the CIFAR-10 train split (validation protocol)")
+    _report.replace_section(name, "\n".join([
+        f"## Comparing sets on the CIFAR-10 probe, {args.evaluation} protocol (`benchmarks/compare_sets.py`)", "",
+        f"Accuracy on {where}.", "",
         "Linear-probe accuracy (%) of the cifar10-cpu student pre-trained on each set, mean ± std over "
         f"seeds {', '.join(map(str, args.seeds))} (each seed: its own encoder and its own labelled subset).", "",
         f"Command: `{command}`  ", f"Date: {date}", "",

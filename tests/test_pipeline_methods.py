@@ -19,7 +19,8 @@ def test_cifar10_cpu_run_preset_reads_each_stage_preset_and_plans_every_method()
     doc = load_run_document("cifar10-cpu", [], [], {"out": "runs/x"})
     run = plan(doc)
     settings = run.settings
-    assert settings.methods == ["none", "random", "high_loss", "sas", "krr_st", "mkdt_random_init", "mkdt", "full"]
+    assert settings.methods == ["none", "random", "high_loss", "sas", "krr_st", "mkdt_random_init", "mkdt",
+                                "balanced_lowres", "full"]
     assert settings.eval_seeds == [0, 1, 2] and settings.processes == 2
     names = [s.name for s in run.steps]
     for method in settings.methods:
@@ -74,3 +75,35 @@ def test_baseline_methods_run_end_to_end(baselines_run):
     assert (out / "distill-random_init" / "distilled.safetensors").is_file()
     encoder_meta = json.loads((out / "probe" / "mkdt_random_init" / "results.json").read_text())["encoder_meta"]
     assert encoder_meta["kind"] == "distilled"
+
+
+def test_balanced_lowres_gets_the_distilled_sets_budget_and_its_validated_defaults():
+    doc = load_run_document("cifar10-cpu", [], ["run.methods=[mkdt,balanced_lowres,random_lowres]"], {"out": "runs/x"})
+    run = plan(doc)
+    variant, control = step_named(run, "subset/balanced_lowres"), step_named(run, "subset/random_lowres")
+    init = step_named(run, "init")
+    assert variant.size == control.size == init.size  # the pixel budget of MKDT's set
+    assert (variant.method, variant.image_scale, variant.clusters, variant.within) == ("balanced", 2, 40, "high_loss")
+    assert (control.method, control.image_scale) == ("random", 2)
+    # a document's own section overrides the pipeline's defaults; a typo there is named
+    doc["subset/balanced_lowres"] = {"clusters": 20}
+    assert step_named(plan(doc), "subset/balanced_lowres").clusters == 20
+    doc["subset/balanced_lowres"] = {"cluster": 20}
+    with pytest.raises(ConfigError, match="clusters"):
+        plan(doc)
+
+
+def test_balanced_lowres_runs_end_to_end_with_the_validation_probe(tmp_path):
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    doc = tiny_document(out)
+    doc["run"] = {"methods": ["random", "balanced_lowres"], "eval_seeds": [0, 1]}
+    doc["subset/balanced_lowres"] = {"clusters": 4}
+    doc["probe"]["evaluation"] = "validation"
+    state = run_pipeline(doc)
+    subset = state["steps"]["subset/balanced_lowres"]["summary"]
+    assert subset["images"] == 80 and subset["stored_resolution"] == 4  # init size 20 at image_scale 2
+    assert state["results"]["balanced_lowres"] == "probe/balanced_lowres-validation/results.json"
+    merged = json.loads((out / state["results"]["balanced_lowres"]).read_text())
+    assert merged["evaluation"]["mode"] == "validation" and merged["seeds"] == [0, 1]
+    assert "balanced_lowres" in (out / "report.md").read_text() and not (out / "probe" / "random").exists()

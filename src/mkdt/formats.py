@@ -111,9 +111,17 @@ def load_trajectory(path: PathLike, *, layout: ParamLayout | None = None) -> Tra
 # ----------------------------------------------------------------------------------------------
 # synthetic sets (distilled sets and real subsets in the same form)
 # ----------------------------------------------------------------------------------------------
+DECODE_KEY = "decode_resolution"
+
+
 @dataclass
 class SyntheticSet:
-    """Normalised float images, their regression targets, an optional learned lr, and provenance."""
+    """Normalised float images, their regression targets, an optional learned lr, and provenance.
+
+    A set may store its images at a lower resolution than its models see (``meta["decode_resolution"]``,
+    e.g. 16 x 16 images of a 32 x 32 source: four images in the pixels of one); loading decodes them
+    with :func:`decode_images`, so every reader sees full-size images.
+    """
 
     images: torch.Tensor
     targets: torch.Tensor
@@ -151,8 +159,22 @@ def load_synthetic(path: PathLike) -> SyntheticSet:
     if lr is not None and not lr > 0:
         raise MkdtError(f"{path}: learned lr is {lr}, must be positive")
     extra = {k: v for k, v in meta.items() if k not in ("mean", "std")}
-    return SyntheticSet(tensors["images"], tensors["targets"], tuple(meta["mean"]), tuple(meta["std"]), lr,
+    images = tensors["images"]
+    if extra.get(DECODE_KEY) is not None:
+        size = extra[DECODE_KEY]
+        if not isinstance(size, int) or isinstance(size, bool) or size < images.shape[-1]:
+            raise MkdtError(f"{path}: {DECODE_KEY} must be an image size >= the stored {images.shape[-1]}, got {size!r}")
+        images = decode_images(images, size)
+    return SyntheticSet(images, tensors["targets"], tuple(meta["mean"]), tuple(meta["std"]), lr,
                         tensors.get("indices"), extra)
+
+
+def decode_images(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Low-resolution images at ``resolution`` x ``resolution``: bilinear, half-pixel centres (a no-op at full size)."""
+    if images.shape[-2:] == (resolution, resolution):
+        return images
+    return torch.nn.functional.interpolate(images, size=(resolution, resolution), mode="bilinear",
+                                           align_corners=False)
 
 
 # ----------------------------------------------------------------------------------------------

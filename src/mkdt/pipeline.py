@@ -26,7 +26,7 @@ from mkdt.config import (did_you_mean, dump_yaml, merge, overrides_tree, read_pr
                          to_dict)
 from mkdt.engine import ENV_KEEP_VERSIONS, Decision, Stage, decide, keep_versions, missing_inputs
 from mkdt.errors import ConfigError, MkdtError
-from mkdt.layout import RunLayout
+from mkdt.layout import RESULTS_FILE, RunLayout
 from mkdt.metrics import ENV_LOG, configured_loggers, parse_loggers
 from mkdt.progress import log
 from mkdt.runtime import Meter, resolve_device
@@ -57,7 +57,16 @@ METHODS: dict[str, Method] = {
     "mkdt": Method("distilled", "distill", lambda lay: lay.distilled(), needs_experts=True),
     "full": Method("full"),
     "mtt_ssl": Method("distilled", "distill/mtt_ssl", lambda lay: lay.distilled("mtt_ssl"), needs_experts=True),
+    # beyond MKDT (docs/RESULTS.md): cluster-balanced hard real images, 4x as many at half resolution
+    "balanced_lowres": Method("subset", "subset/balanced_lowres", lambda lay: lay.subset("balanced_lowres"),
+                              needs_experts=True),
+    # its control: as many random images at the same resolution
+    "random_lowres": Method("subset", "subset/random_lowres", lambda lay: lay.subset("random_lowres")),
 }
+# The settings of balanced_lowres, chosen on the validation protocol on CIFAR-10 (docs/RESULTS.md);
+# a document's subset: or subset/balanced_lowres: section overrides them.
+LOWRES = {"image_scale": 2}
+BALANCED_LOWRES = {**LOWRES, "clusters": 40, "within": "high_loss"}
 SHARED_KEYS = ("preset", "out", "seed", "device", "run")
 
 
@@ -104,6 +113,8 @@ class Step:
     # the document section with settings for this step only (default: its name); the per-seed steps of a
     # method share their method's, e.g. `pretrain/full:` applies to pretrain/full_seed0, _seed1, ...
     own_section: str | None = None
+    # the pipeline's defaults for this step: above the stage preset, below the document
+    defaults: dict[str, Any] = field(default_factory=dict)
     config: Any = None
 
 
@@ -158,8 +169,9 @@ def _evaluation_steps(method: str, layout: RunLayout, eval_seeds: list[int] | No
     return steps
 
 
-def _set_steps(methods: list[str], layout: RunLayout) -> list[Step]:
-    """The steps that make the methods' sets, in dependency order."""
+def _set_steps(methods: list[str], layout: RunLayout, budget: float) -> list[Step]:
+    """The steps that make the methods' sets, in dependency order; ``budget`` is the size of the distilled
+    set (the init section's), the pixel budget of the low-resolution sets."""
     get = stages.get
     steps = [Step("teacher", get("teacher")), Step("targets", get("targets"))]
     if any(METHODS[m].needs_experts for m in methods):
@@ -180,12 +192,19 @@ def _set_steps(methods: list[str], layout: RunLayout) -> list[Step]:
         steps.append(Step("subset/sas", get("subset"), {"method": "sas", "name": "sas"}))
     if "krr_st" in made:
         steps.append(Step("krr_st", get("krr-st")))
+    if "subset/balanced_lowres" in made:
+        steps.append(Step("subset/balanced_lowres", get("subset"), {"method": "balanced", "name": "balanced_lowres"},
+                          defaults={**BALANCED_LOWRES, "size": budget}))
+    if "subset/random_lowres" in made:
+        steps.append(Step("subset/random_lowres", get("subset"), {"method": "random", "name": "random_lowres"},
+                          defaults={**LOWRES, "size": budget}))
     return steps
 
 
 def own_sections() -> set[str]:
     """Every step section a run document may hold (for any method, selected or not)."""
-    names = {"experts/ssl", "distill/random_init", "distill/mtt_ssl", "subset/sas"}
+    names = {"experts/ssl", "distill/random_init", "distill/mtt_ssl", "subset/sas", "subset/balanced_lowres",
+             "subset/random_lowres"}
     for method in METHODS:
         names |= {f"pretrain/{method}", f"probe/{method}"}
     return names
@@ -208,11 +227,12 @@ def _check_sections(doc: Mapping[str, Any]) -> None:
 
 def step_config(step: Step, doc: Mapping[str, Any]) -> Any:
     """The step's typed, validated config: the stage preset named by the document's ``preset`` key (if any,
-    e.g. ``cifar10-cpu`` -> ``presets/<stage>/cifar10-cpu.yaml``) < the document (its stage section, then
-    a section for this step only, e.g. ``pretrain/full:``) < the pipeline's fixed values."""
+    e.g. ``cifar10-cpu`` -> ``presets/<stage>/cifar10-cpu.yaml``) < the pipeline's defaults for the step
+    < the document (its stage section, then a section for this step only, e.g. ``pretrain/full:``) < the
+    pipeline's fixed values."""
     stage = step.stage
     preset = doc.get("preset")
-    docs: list[Mapping[str, Any]] = [doc]
+    docs: list[Mapping[str, Any]] = [{stage.section: step.defaults}, doc]
     own_section = step.own_section or step.name
     own = doc.get(own_section) if own_section != stage.section else None
     if isinstance(own, Mapping):
@@ -232,7 +252,8 @@ def plan(doc: Mapping[str, Any]) -> Plan:
         raise ConfigError("run document: 'run' must be a mapping (methods, eval_seeds, processes, ...)")
     settings = resolve(RunSettings, section="run", docs=[{"run": dict(run or {})}])
     layout = RunLayout(str(doc.get("out", "runs/default")))
-    steps = _set_steps(settings.methods, layout)
+    budget = step_config(Step("init", stages.get("init")), doc).size
+    steps = _set_steps(settings.methods, layout, budget)
     for method in settings.methods:
         steps += _evaluation_steps(method, layout, settings.eval_seeds)
     for step in steps:
@@ -309,13 +330,16 @@ def run_pipeline(doc: Mapping[str, Any], log_line: Callable[[str], None] | None 
             entry["processes"] = procs
         state["steps"][step.name] = entry
         save_json(state_path, {**state, "order": [s.name for s in run.steps]})
+    results = {method: results_path(run, method) for method in run.settings.methods}
     if run.settings.eval_seeds is not None:
         from mkdt.evaluate import combine_probe_results
 
         for method in run.settings.methods:
-            combine_probe_results([layout.probe_results(seeded_name(method, s)) for s in run.settings.eval_seeds],
-                                  layout.probe_results(method), name=method)
-    state.update(order=[s.name for s in run.steps], methods=run.settings.methods,
+            probes = [step for step in run.steps if step.stage.name == "probe" and step.own_section == f"probe/{method}"]
+            combine_probe_results([step.stage.folder(step.config, layout) / RESULTS_FILE for step in probes],
+                                  results[method], name=results[method].parent.name)
+    state.update(results={method: layout.rel(path) for method, path in results.items()},
+                 order=[s.name for s in run.steps], methods=run.settings.methods,
                  eval_seeds=run.settings.eval_seeds, seconds=round(time.perf_counter() - t_start, 2))
     save_json(state_path, state)
     if run.settings.report:
@@ -325,6 +349,13 @@ def run_pipeline(doc: Mapping[str, Any], log_line: Callable[[str], None] | None 
         state["report"] = {k: str(v) for k, v in paths.items()}
         say(f"report: {paths['html']}")
     return state
+
+
+def results_path(run: Plan, method: str) -> Path:
+    """A method's probe results: its probe's, or with evaluation seeds the file merged from theirs
+    (``probe/<method>``, with the probe's ``-validation`` suffix in validation mode)."""
+    probe = next(step for step in run.steps if step.stage.name == "probe" and step.own_section == f"probe/{method}")
+    return probe.stage.folder(dataclasses.replace(probe.config, name=method), run.layout) / RESULTS_FILE
 
 
 def launch_torchrun(step: Step, processes: int, folder: Path) -> None:

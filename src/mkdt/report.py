@@ -52,10 +52,11 @@ HOW_TO_READ = [
 # ----------------------------------------------------------------------------------------------
 # reading the run
 # ----------------------------------------------------------------------------------------------
-def probe_results(layout: RunLayout, methods: list[str]) -> dict[str, Any]:
+def probe_results(layout: RunLayout, methods: list[str], recorded: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Each method's probe results: where the pipeline recorded them, else ``probe/<method>``."""
     results = {}
     for method in methods:
-        path = layout.probe_results(method)
+        path = layout.at(recorded[method]) if recorded and method in recorded else layout.probe_results(method)
         if path.is_file():
             results[method] = load_json(path)
     return results
@@ -258,7 +259,7 @@ def write_report(out: str | Path, state: Mapping[str, Any]) -> dict[str, Path]:
     for orphan in out.glob(".report.*.tmp"):
         orphan.unlink(missing_ok=True)
     methods = list(state.get("methods", []))
-    results = probe_results(layout, methods)
+    results = probe_results(layout, methods, state.get("results"))
     table_md, chart = "(no probe results)", None
     if results:
         rows = results_table(results)
@@ -283,14 +284,16 @@ def write_report(out: str | Path, state: Mapping[str, Any]) -> dict[str, Path]:
     times = stage_table(state)
     data_name = _data_name(state, sets)
     note = DIGITS_NOTE if str(data_name or "").split(":")[0] == "digits" else None
+    distilled = "distill" in state.get("steps", {})
     md = "\n\n".join([
         f"# mkdt run report: {out}",
         *([f"> {html.unescape(_strip_tags(note))}"] if note else []),
         "## Linear-probe accuracy (%)", table_md,
         "Chart: `report_files/results.png` (mean ± std over seeds; the axis starts near the lowest result).",
-        "## Distillation", "\n".join(f"- {f}" for f in facts),
-        "Loss and learned lr: `report_files/distill_curves.png`; initial, distilled and difference images: "
-        "`report_files/distill_images.png` (also `distill/grid_initial.png`, `distill/grid_distilled.png`).",
+        *(["## Distillation", "\n".join(f"- {f}" for f in facts),
+            "Loss and learned lr: `report_files/distill_curves.png`; initial, distilled and difference images: "
+            "`report_files/distill_images.png` (also `distill/grid_initial.png`, `distill/grid_distilled.png`)."]
+          if distilled else []),
         "## Time and peak memory per step", times,
     ]) + "\n"
     body = "\n".join([
@@ -302,10 +305,12 @@ def write_report(out: str | Path, state: Mapping[str, Any]) -> dict[str, Path]:
         _image_tag(chart, "mean ± std over seeds; the axis starts near the lowest result (stated on it)")
         if chart else "",
         _md_to_html_table(table_md),
-        "<h2>Distillation</h2><ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in facts) + "</ul>",
+        "<h2>Distillation</h2><ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in facts) + "</ul>"
+        if distilled else "",
         _image_tag(curves, "matching loss per update, its moving average and the held-out experts' loss; the "
-                           "learned inner lr per iteration"),
-        _image_tag(pictures, "initial set, distilled set and their difference (distilled - initial)"),
+                           "learned inner lr per iteration") if distilled else "",
+        _image_tag(pictures, "initial set, distilled set and their difference (distilled - initial)")
+        if distilled else "",
         "<h2>Time and peak memory per step</h2>", _md_to_html_table(times),
     ])
     page = ("<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' "

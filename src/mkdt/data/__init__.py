@@ -2,13 +2,14 @@
 
 from mkdt.data.imageset import ImageSet, denormalize, normalize
 from mkdt.data.registry import DataConfig, available_sources, load_dataset, register_source
-from mkdt.data.splits import labelled_split, load_split, save_split
+from mkdt.data.splits import holdout_split, labelled_split, load_split, save_split
 
 __all__ = [
     "DataConfig",
     "ImageSet",
     "available_sources",
     "denormalize",
+    "holdout_split",
     "labelled_split",
     "load_dataset",
     "load_split",

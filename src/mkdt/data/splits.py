@@ -50,6 +50,36 @@ def _check_percent(percent: Any) -> None:
         raise MkdtError(f"labelled percent must be in (0, 100], got {percent!r}")
 
 
+def holdout_split(labels: torch.Tensor | Sequence[int], fraction: float, seed: int) -> torch.Tensor:
+    """Sorted indices of a held-out validation part of a train split (a tuning set that is not the test set).
+
+    Stratified when every class has at least 2 images (half-up ``fraction`` of each class, at least one
+    held out and one kept per class), otherwise ``fraction`` of all images drawn uniformly. Depends only on
+    the labels, ``fraction`` and ``seed``.
+    """
+    ok = isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and math.isfinite(fraction)
+    if not ok or not 0 < fraction < 1:
+        raise MkdtError(f"validation fraction must be in (0, 1), got {fraction!r}")
+    y = torch.as_tensor(labels, dtype=torch.int64).flatten()
+    if y.numel() < 2:
+        raise MkdtError(f"a validation split needs at least 2 labelled images, got {y.numel()}")
+    gen = torch.Generator().manual_seed(int(seed))
+
+    def share(n: int) -> int:
+        return max(1, min(n - 1, math.floor(n * fraction + 0.5)))
+
+    classes, counts = torch.unique(y, return_counts=True)
+    if bool((counts >= 2).all()):
+        parts = []
+        for cls in classes.tolist():
+            members = torch.nonzero(y == cls).flatten()
+            parts.append(members[torch.randperm(members.numel(), generator=gen)[: share(members.numel())]])
+        chosen = torch.cat(parts)
+    else:
+        chosen = torch.randperm(y.numel(), generator=gen)[: share(y.numel())]
+    return torch.sort(chosen).values
+
+
 def _count(n: int, percent: float) -> int:
     return max(1, min(n, math.floor(n * percent / 100.0 + 0.5)))
 

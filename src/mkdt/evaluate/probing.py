@@ -15,6 +15,11 @@ Protocols:
                  the tolerance (or the iteration cap; the final gradient is recorded).
 
 A probe that predicts one class for >= 90% of the test examples is flagged ``collapsed``.
+
+Evaluations (``evaluation``): ``test`` as above; ``validation`` scores on a fixed, seeded, stratified
+``validation_fraction`` of the *train* split instead and draws the labelled subsets from the rest of it
+(as many images as ``percent`` of the whole split), so settings and variants can be chosen without ever
+reading the test split. Its results go to ``probe/<name>-validation`` and record the mode.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch
 
 from mkdt.artifacts import load_json, save_json
 from mkdt.config import StageConfig, require, to_dict
-from mkdt.data import DataConfig, ImageSet, labelled_split, load_dataset
+from mkdt.data import DataConfig, ImageSet, holdout_split, labelled_split, load_dataset
 from mkdt.distributed import DistContext, barrier, broadcast_object, gather_records, shard
 from mkdt.engine import Stage, StageResult, StageRun, run_stage
 from mkdt.errors import MkdtError
@@ -41,6 +46,7 @@ from mkdt.layout import RESULTS_FILE, RunLayout
 from mkdt.runtime import derive_seed
 
 PROTOCOLS = ("paper", "converged")
+EVALUATIONS = ("test", "validation")
 SPLIT_MODE = {"paper": "uniform", "converged": "stratified"}
 
 
@@ -62,6 +68,12 @@ class ProbeConfig(StageConfig):
     converged_tolerance: float = 1e-5  # max |gradient entry| at convergence
     feature_batch_size: int = 512  # encoding batch size (no effect on the results)
     collapse_threshold: float = 0.9  # flag a probe predicting one class for this share of the test set
+    # test: labelled subsets from train_split, accuracy on test_split. validation: accuracy on a held-out
+    # validation_fraction of train_split (stratified; drawn with validation_seed, the same for every probe
+    # seed and method), labelled subsets from the rest; test_split is never read. The one to tune on.
+    evaluation: str = "test"
+    validation_fraction: float = 0.1
+    validation_seed: int = 0
 
     def check(self) -> None:
         require(self.protocols and all(p in PROTOCOLS for p in self.protocols), "protocols",
@@ -76,6 +88,8 @@ class ProbeConfig(StageConfig):
                 self.converged_max_iterations)
         require(0 < self.collapse_threshold <= 1, "collapse_threshold", "in (0, 1]", self.collapse_threshold)
         require(self.feature_batch_size >= 1, "feature_batch_size", "at least 1", self.feature_batch_size)
+        require(self.evaluation in EVALUATIONS, "evaluation", " or ".join(EVALUATIONS), self.evaluation)
+        require(0 < self.validation_fraction < 1, "validation_fraction", "in (0, 1)", self.validation_fraction)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,8 +102,11 @@ def encoder_path(cfg: Any) -> Path:
 
 
 def probe_name(cfg: ProbeConfig, path: Path) -> str:
+    """The results folder: validation results get their own (``<name>-validation``), so they never replace
+    a test probe of the same encoder."""
     name = cfg.name or (path.parent.name if path.name == "encoder.safetensors" else path.stem)
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "encoder"
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "encoder"
+    return f"{name}-validation" if cfg.evaluation == "validation" else name
 
 
 def downstream_label(cfg: DataConfig) -> str:
@@ -172,16 +189,49 @@ def split_features(cfg: ProbeConfig, data_cfg: DataConfig, split: str, encoder: 
 
 
 def labelled_indices(cfg: ProbeConfig, labels: torch.Tensor, protocol: str, percent: float, seed: int) -> torch.Tensor:
-    """The labelled subset of one (protocol, percent, seed) evaluation: sorted indices into the train split."""
+    """The labelled subset of one (protocol, percent, seed) evaluation: sorted indices into the train split
+    (in validation mode from the images not held out, as many as ``percent`` of the whole split)."""
     mode = SPLIT_MODE[protocol]
-    return labelled_split(labels, percent, derive_seed(cfg.seed, "labelled", mode, percent_key(percent), seed),
-                          mode=mode)
+    seed = derive_seed(cfg.seed, "labelled", mode, percent_key(percent), seed)
+    if cfg.evaluation == "test":
+        return labelled_split(labels, percent, seed, mode=mode)
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[held_out_rows(cfg, labels)] = False
+    pool = torch.nonzero(keep).flatten()
+    pool_percent = min(100.0, float(percent) * len(labels) / len(pool))
+    return pool[labelled_split(labels[pool], pool_percent, seed, mode=mode)]
+
+
+def held_out_rows(cfg: ProbeConfig, labels: torch.Tensor) -> torch.Tensor:
+    """Validation mode: the train images the probe is scored on (sorted indices)."""
+    return holdout_split(labels, cfg.validation_fraction, derive_seed(cfg.validation_seed, "probe-validation"))
 
 
 def labelled_rows(cfg: ProbeConfig, labels: torch.Tensor) -> torch.Tensor:
-    """Every train image some evaluation of ``cfg`` labels (the union of all its labelled subsets)."""
+    """Every train image some evaluation of ``cfg`` reads: its labelled subsets (and the held-out images)."""
     parts = [labelled_indices(cfg, labels, p, q, s) for p in cfg.protocols for q in cfg.percents for s in cfg.seeds]
+    if cfg.evaluation == "validation":
+        parts.append(held_out_rows(cfg, labels))
     return torch.unique(torch.cat(parts))
+
+
+def evaluation_splits(cfg: ProbeConfig, data_cfg: DataConfig, encoder: Encoder, cache: Path) -> tuple[Split, Split]:
+    """(labelled-from, scored-on): the train and test splits, or in validation mode the train split and
+    its held-out images."""
+    train = split_features(cfg, data_cfg, cfg.train_split, encoder, cache, labelled_only=True)
+    if cfg.evaluation == "test":
+        return train, split_features(cfg, data_cfg, cfg.test_split, encoder, cache)
+    held = held_out_rows(cfg, train.labels)
+    return train, Split(train.take(held), train.labels[held])
+
+
+def evaluation_record(cfg: ProbeConfig) -> dict[str, Any]:
+    """Where the labelled subsets and the scored images came from (``results.json["evaluation"]``)."""
+    if cfg.evaluation == "test":
+        return {"mode": "test", "labelled_from": cfg.train_split, "scored_on": cfg.test_split}
+    return {"mode": "validation", "labelled_from": f"{cfg.train_split} without the held-out images",
+            "scored_on": f"held-out {cfg.validation_fraction:g} of {cfg.train_split} (stratified)",
+            "validation_fraction": cfg.validation_fraction, "validation_seed": cfg.validation_seed}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,8 +363,7 @@ def prepare_features(config: ProbeConfig, pending: list[str], encoder: Encoder, 
     if ctx.is_main:
         for label, data_cfg in zip(unique_labels(list(config.downstream)), config.downstream):
             if label in pending:
-                split_features(config, data_cfg, config.train_split, encoder, cache, labelled_only=True)
-                split_features(config, data_cfg, config.test_split, encoder, cache)
+                evaluation_splits(config, data_cfg, encoder, cache)
     barrier(ctx)
 
 
@@ -349,8 +398,7 @@ def _probe(config: ProbeConfig, run: StageRun) -> dict[str, Any]:
             todo = [job for job in mine if job[0] == label]
             if not todo:
                 continue
-            train = split_features(config, data_cfg, config.train_split, encoder, cache, labelled_only=True)
-            test = split_features(config, data_cfg, config.test_split, encoder, cache)
+            train, test = evaluation_splits(config, data_cfg, encoder, cache)
             num_classes = int(max(train.labels.max(), test.labels.max())) + 1
             for _, protocol, percent, seed in todo:
                 result = evaluate_one(config, train, test, num_classes, protocol, percent, seed, ctx.device)
@@ -367,7 +415,7 @@ def _probe(config: ProbeConfig, run: StageRun) -> dict[str, Any]:
         "name": run.folder.name, "encoder": run.rel(path), "encoder_digest": encoder.digest,
         "encoder_meta": encoder.meta,
         "downstream": {lab: to_dict(c) for lab, c in zip(labels, config.downstream)},
-        "protocols": protocol_descriptions(config), "percents": [float(p) for p in config.percents],
+        "evaluation": evaluation_record(config), "protocols": protocol_descriptions(config), "percents": [float(p) for p in config.percents],
         "seeds": list(config.seeds), "std_ddof": 1, "runs": runs, "summary": summarise(runs),
         "identity": run.key, "jobs": {k: done[k] for k in keys},
     }
@@ -405,8 +453,12 @@ def combine_probe_results(paths: list[Path], dest: Path, name: str) -> dict:
         parts.append(load_json(path))
     runs = [{**run, "encoder": part["encoder"]} for part in parts for run in part["runs"]]
     first = parts[0]
+    modes = {part.get("evaluation", {}).get("mode", "test") for part in parts}
+    if len(modes) > 1:
+        raise MkdtError(f"{dest}: cannot merge test and validation probe results ({', '.join(map(str, paths))})")
     combined = {"name": name, "encoders": [part["encoder"] for part in parts],
                 "encoder_meta": first.get("encoder_meta"), "downstream": first.get("downstream"),
+                "evaluation": first.get("evaluation", {"mode": "test"}),
                 "protocols": first.get("protocols"), "percents": first.get("percents"),
                 "seeds": sorted({run["seed"] for run in runs}), "std_ddof": 1, "runs": runs,
                 "summary": summarise(runs), "combined_from": [str(p) for p in paths]}
