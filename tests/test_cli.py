@@ -71,7 +71,7 @@ def test_the_cli_and_the_pipeline_share_one_registry():
     for name, stage in STAGES.items():
         assert stage.name == name and stage.section == name.replace("-", "_") and callable(stage.body)
     layout = RunLayout("x")
-    steps = _set_steps(["mkdt", "sas", "krr_st", "mtt_ssl", "mkdt_random_init"], layout)
+    steps = _set_steps(["mkdt", "sas", "krr_st", "mtt_ssl", "mkdt_random_init"], layout, budget=100)
     steps += _evaluation_steps("mkdt", layout, [0])
     assert all(step.stage is STAGES[step.stage.name] for step in steps)  # the very same objects
 

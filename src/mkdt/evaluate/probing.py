@@ -101,12 +101,12 @@ def encoder_path(cfg: Any) -> Path:
     return RunLayout(cfg.out).encoder(cfg.name or "distilled")
 
 
-def probe_name(cfg: ProbeConfig, path: Path) -> str:
+def probe_name(cfg: Any, path: Path) -> str:
     """The results folder: validation results get their own (``<name>-validation``), so they never replace
-    a test probe of the same encoder."""
+    a test probe of the same encoder (fine-tuning has no validation mode: always the test name)."""
     name = cfg.name or (path.parent.name if path.name == "encoder.safetensors" else path.stem)
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "encoder"
-    return f"{name}-validation" if cfg.evaluation == "validation" else name
+    return f"{name}-validation" if getattr(cfg, "evaluation", "test") == "validation" else name
 
 
 def downstream_label(cfg: DataConfig) -> str:
