@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="validation (held-out 10%% of the train split; for choosing) or test (final configurations)")
     p.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
                    help="pre-training setting for every set, e.g. schedule.epochs=80")
+    p.add_argument("--tag", default="", help="suffix of the results JSON and RESULTS.md section, so one "
+                   "comparison does not replace another (e.g. --tag 80ep)")
     args = p.parse_args(argv)
     if not args.subset and not args.distilled:
         p.error("give at least one --subset or --distilled NAME=FILE")
@@ -108,19 +110,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, date = _report.command_line(argv), _report.now()
     name = NAME if args.evaluation == "test" else f"{NAME}_validation"
-    payload = {"command": command, "date": date, "evaluation": args.evaluation, "seeds": args.seeds,
+    name = f"{name}_{args.tag}" if args.tag else name
+    payload = {"command": command, "date": date, "machine": _report.machine(), "evaluation": args.evaluation,
+               "seeds": args.seeds,
+               "pretrain_overrides": args.pretrain_set,
                "sets": {name: {"kind": kind, "file": str(path)} for name, kind, path in sets},
                "results": {name: res["summary"] for name, res in results.items()}}
     _report.write_results_json(name, payload)
     where = ("the CIFAR-10 test split" if args.evaluation == "test"
              else "a held-out 10% of the CIFAR-10 train split (validation protocol)")
     _report.replace_section(name, "\n".join([
-        f"## Comparing sets on the CIFAR-10 probe, {args.evaluation} protocol (`benchmarks/compare_sets.py`)", "",
+        f"## Comparing sets on the CIFAR-10 probe, {args.evaluation} protocol"
+        f"{' (' + args.tag + ')' if args.tag else ''} (`benchmarks/compare_sets.py`)", "",
         f"Accuracy on {where}.", "",
         "Linear-probe accuracy (%) of the cifar10-cpu student pre-trained on each set, mean ± std over "
         f"seeds {', '.join(map(str, args.seeds))} (each seed: its own encoder and its own labelled subset).", "",
         f"Command: `{command}`  ", f"Date: {date}", "",
-        "Sets: " + "; ".join(f"`{name}` ({kind}) {path.name} in {path.parent}" for name, kind, path in sets), "",
+        "Sets: " + "; ".join(f"`{name}` ({kind}) `{path}`" for name, kind, path in sets), "",
         table]))
     return 0
 

@@ -146,7 +146,9 @@ def _inputs(config: SubsetConfig, layout: RunLayout) -> dict[str, Path | None]:
 
 
 STAGE = Stage(
-    "subset", SubsetConfig, _select, "select a real subset baseline (random or SAS)",
+    "subset", SubsetConfig, _select,
+    "select a real subset: random, SAS or balanced (cluster-balanced hard images; with image_scale 2 the "
+    "balanced_lowres method)",
     folder=lambda config, layout: layout.subset_dir(config.name or config.method), inputs=_inputs,
     input_fields=("targets", "encoder", "losses"), runtime=("batch_size",),
     shown=("method", "size", "image_scale", "clusters"),

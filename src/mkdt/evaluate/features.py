@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from mkdt.artifacts import TensorSpec, file_sha256, load_tensors, read_metadata, save_tensors
-from mkdt.data import ImageSet, normalize
+from mkdt.data import ImageSet
 from mkdt.distributed import is_main_process
 from mkdt.errors import MkdtError
 from mkdt.models import ModelConfig, build_model
-from mkdt.progress import Progress
+from mkdt.ssl.knn import encode
 
 ENCODER_KEYS = ("model", "in_channels", "resolution", "mean", "std")
 
@@ -114,22 +114,8 @@ def extract_features(
     """``model.features`` of uint8 images, normalised with ``mean``/``std``; eval mode, batched, on CPU."""
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise MkdtError(f"{desc}: expected uint8 N x C x H x W images, got {images.dtype} {tuple(images.shape)}")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        chunks = images.split(batch_size)
-        with Progress(len(chunks), desc, unit="batch", enabled=is_main_process()) as bar:
-            for chunk in chunks:
-                x = normalize(chunk.to(device), mean, std)
-                out.append(model.features(x).float().cpu())
-                bar.update(1)
-    finally:
-        model.train(was_training)
-    if not out:
-        return torch.zeros(0, 0)
-    feats = torch.cat(out)
+    feats = encode(model, images, mean, std, batch_size=batch_size, device=next(model.parameters()).device,
+                   progress=desc if is_main_process() else None)
     if not torch.isfinite(feats).all():
         raise MkdtError(f"{desc}: the encoder produced NaN/inf features; the encoder is broken, re-run pretrain")
     return feats
