@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from mkdt.artifacts import atomic_write_text, read_metadata
-from mkdt.distill import matching, memory
+from mkdt.distill import fast, matching, memory
 from mkdt.distill.config import DistillConfig
 from mkdt.distill.experts import ExpertBank
 from mkdt.distill.outputs import mean_abs_pixel_change, save_grid, save_loss_curve
@@ -43,6 +43,7 @@ from mkdt.models import build_model
 from mkdt.models.functional import ParamLayout
 from mkdt.progress import Progress, log
 from mkdt.runtime import derive_seed, generator, seeded
+from mkdt.ssl.train import autocast_dtype
 
 LOG = "log.jsonl"
 VALIDATION_LOG = "validation.jsonl"
@@ -59,6 +60,13 @@ class Setup:
     bank: ExpertBank
     device: torch.device
     objective: matching.InnerObjective = matching.KD
+    fast_student: fast.FastStudent | None = None  # the opt-in fast inner loop (``fast_inner``)
+
+    @property
+    def precision(self) -> str:
+        """The student's arithmetic in the matching steps, as recorded in the summary."""
+        amp = self.fast_student.amp_dtype if self.fast_student is not None else None
+        return "bf16" if amp == torch.bfloat16 else "fp32"
 
 
 @dataclass
@@ -99,7 +107,8 @@ def _distill(config: DistillConfig, run: StageRun) -> dict[str, Any]:
         return {}
     result = _write_outputs(config, setup, state, run)
     result.update(memory_saving=use_memory_saving, plain_path_estimate_gb=estimate,
-                  trajectories_per_update=config.trajectories)
+                  trajectories_per_update=config.trajectories, fast_inner=config.fast_inner,
+                  precision=setup.precision)
     return result
 
 
@@ -156,7 +165,11 @@ def _setup(config: DistillConfig, device: torch.device) -> Setup:
         raise MkdtError(f"{experts_dir(config)}: validation_experts={config.validation_experts} leaves none of the "
                         f"{len(bank)} experts to distill from; lower validation_experts or train more experts")
     objective = student if ssl else matching.KD
-    return Setup(path, initial, student, layout, bank, device, objective)
+    fast_student = None
+    if config.fast_inner:
+        amp = autocast_dtype(config.precision, device, native_only=True)
+        fast_student = fast.FastStudent(student, layout, amp_dtype=amp)
+    return Setup(path, initial, student, layout, bank, device, objective, fast_student)
 
 
 def _start_or_resume(config: DistillConfig, setup: Setup, run: StageRun) -> DistillState:
@@ -358,6 +371,8 @@ def _match(config: DistillConfig, setup: Setup, state: DistillState, draw: Draw,
     theta0, theta_star = setup.bank.pair(draw.expert, draw.start, draw.start + config.expert_epochs)
     problem = matching.Problem(setup.student, setup.layout, theta0.to(setup.device), theta_star.to(setup.device),
                                state.images, state.targets, state.lr, draw.steps, setup.objective)
+    if setup.fast_student is not None:
+        return fast.match(problem, setup.fast_student, memory_saving=use_memory_saving)
     return memory.match_memory_saving(problem) if use_memory_saving else matching.match_plain(problem)
 
 
