@@ -371,9 +371,16 @@ def _match(config: DistillConfig, setup: Setup, state: DistillState, draw: Draw,
     theta0, theta_star = setup.bank.pair(draw.expert, draw.start, draw.start + config.expert_epochs)
     problem = matching.Problem(setup.student, setup.layout, theta0.to(setup.device), theta_star.to(setup.device),
                                state.images, state.targets, state.lr, draw.steps, setup.objective)
-    if setup.fast_student is not None:
-        return fast.match(problem, setup.fast_student, memory_saving=use_memory_saving)
-    return memory.match_memory_saving(problem) if use_memory_saving else matching.match_plain(problem)
+    return match_problem(problem, setup.fast_student, use_memory_saving)
+
+
+def match_problem(problem: matching.Problem, fast_student: fast.FastStudent | None,
+                  memory_saving: bool) -> matching.MatchResult:
+    """The path a run takes: the fast inner loop when ``fast_inner`` built a student for it, else the
+    reference (plain or memory-saving); benchmarks/speed_vs_baseline.py times both through here."""
+    if fast_student is not None:
+        return fast.match(problem, fast_student, memory_saving=memory_saving)
+    return memory.match_memory_saving(problem) if memory_saving else matching.match_plain(problem)
 
 
 GRADIENTS = {"images": "grad_images", "targets": "grad_targets", "lr": "grad_lr"}
