@@ -155,3 +155,15 @@ def test_stage_records_fast_path_and_precision(config, monkeypatch, native, expe
 def test_stage_default_is_the_reference_path(config):
     result = distill(dataclasses.replace(config, iterations=1))
     assert result.summary["fast_inner"] is False and result.summary["precision"] == "fp32"
+
+
+def test_fast_path_settings_leave_the_run_key_alone(config):
+    """Like memory_saving, fast_inner and precision say how the gradients are computed: a run made
+    before they existed (or with other values) keeps its key, checkpoints and outputs."""
+    from mkdt.distill.loop import STAGE
+    from mkdt.engine import identify
+    from mkdt.layout import RunLayout
+
+    layout = RunLayout(config.out)
+    key = identify(STAGE, config, layout)[0]
+    assert identify(STAGE, dataclasses.replace(config, fast_inner=True, precision="auto"), layout)[0] == key
