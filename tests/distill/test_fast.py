@@ -167,3 +167,17 @@ def test_fast_path_settings_leave_the_run_key_alone(config):
     layout = RunLayout(config.out)
     key = identify(STAGE, config, layout)[0]
     assert identify(STAGE, dataclasses.replace(config, fast_inner=True, precision="auto"), layout)[0] == key
+
+
+def test_instance_norm_derivatives_are_exact():
+    """InstanceNorm's written-out first and second derivatives against finite differences (float64), and
+    its values against torch's GroupNorm."""
+    g = generator(3)
+    x = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(3, generator=g, dtype=torch.float64) + 0.5).requires_grad_(True)
+    b = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    norm = lambda x, w, b: fast.InstanceNorm.apply(x, w, b, 1e-5)  # noqa: E731
+    torch.testing.assert_close(norm(x, w, b), torch.nn.functional.group_norm(x, 3, w, b, 1e-5), rtol=1e-12,
+                               atol=1e-12)
+    assert torch.autograd.gradcheck(norm, (x, w, b))
+    assert torch.autograd.gradgradcheck(norm, (x, w, b))

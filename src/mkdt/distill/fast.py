@@ -6,9 +6,10 @@ Why each change (issue 20; the reference path stays the default until the speed-
 - The ConvNet forward is written with tensor ops on a list of parameter tensors instead of
   ``functional_call`` on a flat vector: no module dispatch and no split of the flat vector (nor its
   concatenating backward) per step; the list is flattened once, for the matching loss.
-- Instance norm by hand (mean, centred second moment, one fused multiply-add): the unroll differentiates
-  the student's backward, and GroupNorm's double backward is a long composite formula (about 30% of
-  the CPU time of a width-32 plain iteration in torch's profiler); elementary ops differentiate cheaply.
+- Candidates the benchmark switches on (``--hand-norm``, ``--channels-last``), off by default: instance
+  norm with hand-written first and second derivatives (:class:`InstanceNorm`; GroupNorm's double
+  backward, which the unroll differentiates, is ~30% of a width-32 plain iteration's CPU time in torch's
+  profiler) and channels-last activations.
 - The plain path gathers every step's minibatch (and augments it) with one index: the backward scatters
   once, instead of building one zero tensor of the whole set per step.
 - The memory-saving backward differentiates the scalar <g_i, a_{i+1}> (which is also -dL/dlr's term)
@@ -28,6 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
 from mkdt.distill import augment as aug
@@ -87,35 +89,71 @@ class FastStudent:
 # ----------------------------------------------------------------------------------------------
 # the hand-written ConvNet
 # ----------------------------------------------------------------------------------------------
-def instance_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """GroupNorm with one channel per group (biased variance, as torch's): per image and channel.
+class InstanceNorm(torch.autograd.Function):
+    """GroupNorm with one channel per group (biased variance, as torch's), its first and second derivatives
+    written out.
 
-    Sums times 1/(H*W) rather than means: the backward of a sum is a free expand and the scaling acts on
-    the small per-channel tensor, where a mean's backward divides a full-size tensor."""
-    inv = 1.0 / (x.shape[2] * x.shape[3])
-    centred = x - x.sum((2, 3), keepdim=True) * inv
-    var = (centred * centred).sum((2, 3), keepdim=True) * inv
-    scale = torch.rsqrt(var + eps) * weight.view(1, -1, 1, 1)
-    return torch.addcmul(bias.view(1, -1, 1, 1), centred, scale)
+    Why: the unroll differentiates the student's backward, and torch's GroupNorm double backward is a
+    generic composite formula of many full-size passes. Per image and channel, over its L pixels, with xh
+    the normalised input, r = 1/std, s = w r, A = mean(gy), B = mean(gy xh):
+        dx = s (gy - A - xh B),   dw = sum_n L B,   db = sum_n L A;
+    for cotangents u (of dx), p (of dw), q (of db), with U = mean(u), V = mean(u xh), C = mean(u gy),
+    D = C - A U - B V and P = p - s V:
+        d/dgy = s u + P xh + q - s U,       d/dw = sum_n L r D,
+        d/dx  = r [P (gy - A) - s B (u - U) - xh (P B - s B V + s D)]
+    (the xh path through the usual normalisation backward, plus the direct path through r = r(x)).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+        var, mean = torch.var_mean(x, dim=(2, 3), correction=0, keepdim=True)
+        r = torch.rsqrt(var + eps)
+        xh = (x - mean) * r
+        ctx.save_for_backward(x, weight, xh, r)
+        return torch.addcmul(bias.view(1, -1, 1, 1), xh, weight.view(1, -1, 1, 1))
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        x, weight, xh, r = ctx.saved_tensors
+        return (*_InstanceNormBackward.apply(gy, x, weight, xh, r), None)
 
 
-def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """GroupNorm by hand (instance norm when ``groups`` is the channel count)."""
-    n, c, h, w = x.shape
-    if groups == c:
-        return instance_norm(x, weight, bias, eps)
-    xg = x.reshape(n, groups, c // groups, h, w)
-    inv = 1.0 / xg[0, 0].numel()
-    centred = xg - xg.sum((2, 3, 4), keepdim=True) * inv
-    var = (centred * centred).sum((2, 3, 4), keepdim=True) * inv
-    normed = (centred * torch.rsqrt(var + eps)).reshape(n, c, h, w)
-    return torch.addcmul(bias.view(1, -1, 1, 1), normed, weight.view(1, -1, 1, 1))
+class _InstanceNormBackward(torch.autograd.Function):
+    """(dx, dw, db) of :class:`InstanceNorm` as a function of (gy, x, w), with its own backward; x is an
+    input only so that the second derivative reaches x's graph (its values are in xh and r)."""
+
+    @staticmethod
+    def forward(ctx, gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, xh: torch.Tensor, r: torch.Tensor):
+        pixels = xh.shape[2] * xh.shape[3]
+        s = r * weight.view(1, -1, 1, 1)
+        a = gy.mean((2, 3), keepdim=True)
+        b = (gy * xh).mean((2, 3), keepdim=True)
+        dx = torch.addcmul(torch.addcmul(-s * a, gy, s), xh, s * b, value=-1)
+        ctx.save_for_backward(gy, xh, r, s, a, b)
+        return dx, (b * pixels).sum((0, 2, 3)), (a * pixels).sum((0, 2, 3))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, u: torch.Tensor, p: torch.Tensor, q: torch.Tensor):
+        gy, xh, r, s, a, b = ctx.saved_tensors
+        pixels = xh.shape[2] * xh.shape[3]
+        p, q = p.view(1, -1, 1, 1), q.view(1, -1, 1, 1)
+        u_mean = u.mean((2, 3), keepdim=True)
+        v = (u * xh).mean((2, 3), keepdim=True)
+        d = (u * gy).mean((2, 3), keepdim=True) - a * u_mean - b * v
+        big_p = p - s * v
+        grad_gy = torch.addcmul(torch.addcmul(q - s * u_mean, u, s), xh, big_p)
+        grad_w = (r * d * pixels).sum((0, 2, 3))
+        k_xh = -r * (big_p * b - s * b * v + s * d)
+        k_0 = r * (s * b * u_mean - big_p * a)
+        grad_x = torch.addcmul(torch.addcmul(torch.addcmul(k_0, gy, r * big_p), u, r * s * b, value=-1), xh, k_xh)
+        return grad_gy, grad_x, grad_w, None, None
 
 
 def convnet_ops(student: nn.Module, layout: ParamLayout, *, hand_norm: bool = False) -> list[Op] | None:
     """The ConvNet's layers as ops on the parameter list, or ``None`` if any layer is not covered;
-    GroupNorm by :func:`group_norm` with ``hand_norm``, else torch's fused kernel."""
-    if not isinstance(student, ConvNet):
+    instance norm by :class:`InstanceNorm` with ``hand_norm``, else (and other GroupNorms) by torch's kernel."""
+    if type(student) is not ConvNet:  # a subclass may change the forward
         return None
     index = {name: i for i, name in enumerate(layout.names)}
     ops: list[Op] = []
@@ -125,8 +163,11 @@ def convnet_ops(student: nn.Module, layout: ParamLayout, *, hand_norm: bool = Fa
             padding = layer.padding
             ops.append(lambda p, x, w=w, b=b, padding=padding: F.conv2d(x, p[w], p[b], padding=padding))
         elif isinstance(layer, nn.GroupNorm) and layer.affine:
-            groups, eps, norm = layer.num_groups, layer.eps, group_norm if hand_norm else _torch_group_norm
-            ops.append(lambda p, x, w=w, b=b, groups=groups, eps=eps, norm=norm: norm(x, groups, p[w], p[b], eps))
+            groups, eps = layer.num_groups, layer.eps
+            if hand_norm and groups == layer.num_channels:
+                ops.append(lambda p, x, w=w, b=b, eps=eps: InstanceNorm.apply(x, p[w], p[b], eps))
+            else:
+                ops.append(lambda p, x, w=w, b=b, groups=groups, eps=eps: F.group_norm(x, groups, p[w], p[b], eps))
         elif isinstance(layer, nn.ReLU):
             ops.append(lambda p, x: F.relu(x))
         elif isinstance(layer, nn.AvgPool2d) and _pool_2x2(layer):
@@ -140,11 +181,6 @@ def convnet_ops(student: nn.Module, layout: ParamLayout, *, hand_norm: bool = Fa
         w, b = index["head.weight"], index["head.bias"]
         ops.append(lambda p, x, w=w, b=b: F.linear(x, p[w], p[b]))
     return ops
-
-
-def _torch_group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,
-                      eps: float) -> torch.Tensor:
-    return F.group_norm(x, groups, weight, bias, eps)
 
 
 def _plain_conv(layer: nn.Conv2d) -> bool:
