@@ -157,16 +157,19 @@ def test_stage_default_is_the_reference_path(config):
     assert result.summary["fast_inner"] is False and result.summary["precision"] == "fp32"
 
 
-def test_fast_path_settings_leave_the_run_key_alone(config):
-    """Like memory_saving, fast_inner and precision say how the gradients are computed: a run made
-    before they existed (or with other values) keeps its key, checkpoints and outputs."""
+def test_fast_path_settings_and_the_run_key(config):
+    """fast_inner says how the same gradients are computed (like memory_saving): out of the key. precision
+    changes the numbers: in the key unless fp32, so a run made before either key existed keeps its key."""
     from mkdt.distill.loop import STAGE
     from mkdt.engine import identify
     from mkdt.layout import RunLayout
 
     layout = RunLayout(config.out)
-    key = identify(STAGE, config, layout)[0]
-    assert identify(STAGE, dataclasses.replace(config, fast_inner=True, precision="auto"), layout)[0] == key
+    key, _, _, identity = identify(STAGE, config, layout)
+    assert "precision" not in identity["config"] and "fast_inner" not in identity["config"]
+    assert identify(STAGE, dataclasses.replace(config, fast_inner=True), layout)[0] == key
+    bf16 = identify(STAGE, dataclasses.replace(config, fast_inner=True, precision="bf16"), layout)
+    assert bf16[0] != key and bf16[3]["config"]["precision"] == "bf16"
 
 
 def test_instance_norm_derivatives_are_exact():

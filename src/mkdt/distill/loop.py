@@ -117,10 +117,10 @@ STAGE = Stage(
     folder=lambda config, layout: layout.distill_dir(config.name),
     inputs=lambda config, layout: {"init": init_path(config), "experts": experts_dir(config)},
     input_fields=("init", "experts_dir"),
-    # fast_inner and precision: how the same gradients are computed (like memory_saving), recorded in the summary;
-    # out of the key, so runs made before these keys existed keep theirs
-    runtime=("checkpoint_every", "memory_saving", "memory_budget_gb", "max_bad_steps", "grid_images", "fast_inner",
-             "precision"),
+    # fast_inner: how the same gradients are computed (like memory_saving), recorded in the summary. precision
+    # changes the numbers: part of the key unless fp32, so runs made before the key existed keep theirs
+    runtime=("checkpoint_every", "memory_saving", "memory_budget_gb", "max_bad_steps", "grid_images", "fast_inner"),
+    added=(("precision", "fp32"),),
     units=("iterations",), extends=lambda old, new: new["iterations"] >= (old.get("iterations") or 0),
     torchrun=True, shown=("init", "iterations", "syn_steps", "batch_syn", "expert_epochs", "max_start_epoch", "lr_img",
                           "lr_targets", "lr_lr", "trajectories", "model.width", "model.depth"),
