@@ -77,6 +77,8 @@ class Stage:
     ``extends(old, new)`` says whether a finished run with units ``old`` can be extended (or shrunk) in
     place to ``new``. ``torchrun``: the stage can run under ``torchrun`` with several processes.
     ``cached=False``: always run afresh (e.g. the installation check). ``shown``: dotted keys a plan prints.
+    ``added``: (dotted key, value) of settings added after runs were made: at that value a key is left out of
+    the identity, so the earlier runs keep theirs; any other value is part of it.
     """
 
     name: str
@@ -92,6 +94,7 @@ class Stage:
     torchrun: bool = False
     cached: bool = True
     shown: tuple[str, ...] = ()  # the settings a plan (--dry-run) prints for this stage
+    added: tuple[tuple[str, Any], ...] = ()
 
     @property
     def section(self) -> str:
@@ -217,6 +220,13 @@ def _pop(tree: dict, dotted: str) -> Any:
     return node.pop(parts[-1], None)
 
 
+def _put(tree: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for p in parents:
+        tree = tree.setdefault(p, {})
+    tree[last] = value
+
+
 def _normalise_data(tree: Any) -> Any:
     """DataConfig sections: root as a real path, download/cache settings dropped."""
     from mkdt.data import DataConfig
@@ -271,6 +281,10 @@ def identify(stage: Stage, config: Any, layout: RunLayout) -> tuple[str, dict, d
     for name in (*RUNTIME_FIELDS, *stage.runtime, *stage.input_fields):
         _pop(tree, name)
     units = {name: _pop(tree, name) for name in stage.units}
+    for name, value in stage.added:
+        kept = _pop(tree, name)
+        if kept != value:
+            _put(tree, name, kept)
     tree = _normalise_data(tree)
     if hasattr(config, "device"):
         tree["device_type"] = resolve_device(config.device).type

@@ -135,6 +135,23 @@ def test_precision_choice_per_device():
     assert autocast_dtype("fp32", cuda) is None and autocast_dtype("fp16", cuda) is torch.float16
 
 
+def test_native_only_auto_is_bf16_only_on_native_hardware(monkeypatch):
+    """``auto`` with ``native_only`` (distillation): bf16 where the capability probe says the hardware runs
+    it, float32 elsewhere (never fp16); without it the SSL choice above is unchanged."""
+    import mkdt.ssl.train as train
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert train.native_bf16(torch.device("meta")) is False
+    monkeypatch.setattr(train, "native_bf16", lambda device: False)
+    assert autocast_dtype("auto", cpu, native_only=True) is None
+    assert autocast_dtype("auto", cuda, native_only=True) is None
+    assert autocast_dtype("bf16", cpu, native_only=True) is torch.bfloat16
+    monkeypatch.setattr(train, "native_bf16", lambda device: True)
+    assert autocast_dtype("auto", cpu, native_only=True) is torch.bfloat16
+    assert autocast_dtype("fp32", cpu, native_only=True) is None
+    assert autocast_dtype("auto", cpu) is None
+
+
 def test_bf16_on_cpu_trains_float32_weights_close_to_fp32():
     """precision bf16 on the CPU: the forward runs under bf16 autocast, the weights and optimiser stay
     float32, and one epoch lands near the float32 run (same data, seeds and augmentations)."""

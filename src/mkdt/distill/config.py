@@ -12,6 +12,7 @@ from mkdt.config import StageConfig, require
 from mkdt.models import ModelConfig
 
 INNER_OBJECTIVES = ("kd", "ssl")
+PRECISIONS = ("fp32", "bf16", "auto")  # no fp16: the unrolled second-order steps have no loss scaling
 MEMORY_SAVING = {"auto": "auto", "true": "on", "yes": "on", "on": "on", "1": "on",
                  "false": "off", "no": "off", "off": "off", "0": "off"}
 
@@ -53,6 +54,11 @@ class DistillConfig(StageConfig):
     # fresh encoder is: a training loss that falls while val_loss stays flat means too few experts.
     validation_experts: int = 0
     name: str | None = None  # a variant's folder distill-<name> (e.g. random_init); null: distill
+    # Opt-in fast inner loop (distill/fast.py, KD objective): the reference path's matching loss and gradients
+    # (float rounding aside) from cheaper ops; off until its speed-up is measured (benchmarks/speed_vs_baseline.py)
+    fast_inner: bool = False
+    # autocast of fast_inner's student: fp32, bf16, or auto (bf16 where the hardware runs it natively, else fp32)
+    precision: str = "fp32"
 
     def check(self) -> None:
         """Refuse values that cannot work, naming the key and a fix."""
@@ -75,7 +81,12 @@ class DistillConfig(StageConfig):
         require(self.inner_objective in INNER_OBJECTIVES, "inner_objective", "kd or ssl", self.inner_objective)
         require(self.name is None or self.name.replace("_", "").replace("-", "").isalnum(), "name",
                 "letters, digits, '-' or '_'", self.name)
+        require(self.precision in PRECISIONS, "precision", "fp32, bf16 or auto", self.precision)
+        require(self.precision == "fp32" or self.fast_inner, "precision", "fp32 unless fast_inner is true",
+                self.precision, "the reference path runs in float32")
         if self.inner_objective == "ssl":
+            require(not self.fast_inner, "fast_inner", "false with inner_objective ssl", self.fast_inner,
+                    "the fast path implements the KD objective only")
             require(memory_saving_mode(self.memory_saving) != "on", "memory_saving",
                     "false or auto with inner_objective ssl", self.memory_saving,
                     "the memory-saving pass implements the KD objective only")

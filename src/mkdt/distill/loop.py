@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from mkdt.artifacts import atomic_write_text, read_metadata
-from mkdt.distill import matching, memory
+from mkdt.distill import fast, matching, memory
 from mkdt.distill.config import DistillConfig
 from mkdt.distill.experts import ExpertBank
 from mkdt.distill.outputs import mean_abs_pixel_change, save_grid, save_loss_curve
@@ -43,6 +43,7 @@ from mkdt.models import build_model
 from mkdt.models.functional import ParamLayout
 from mkdt.progress import Progress, log
 from mkdt.runtime import derive_seed, generator, seeded
+from mkdt.ssl.train import autocast_dtype
 
 LOG = "log.jsonl"
 VALIDATION_LOG = "validation.jsonl"
@@ -59,6 +60,13 @@ class Setup:
     bank: ExpertBank
     device: torch.device
     objective: matching.InnerObjective = matching.KD
+    fast_student: fast.FastStudent | None = None  # the opt-in fast inner loop (``fast_inner``)
+
+    @property
+    def precision(self) -> str:
+        """The student's arithmetic in the matching steps, as recorded in the summary."""
+        amp = self.fast_student.amp_dtype if self.fast_student is not None else None
+        return "bf16" if amp == torch.bfloat16 else "fp32"
 
 
 @dataclass
@@ -99,7 +107,8 @@ def _distill(config: DistillConfig, run: StageRun) -> dict[str, Any]:
         return {}
     result = _write_outputs(config, setup, state, run)
     result.update(memory_saving=use_memory_saving, plain_path_estimate_gb=estimate,
-                  trajectories_per_update=config.trajectories)
+                  trajectories_per_update=config.trajectories, fast_inner=config.fast_inner,
+                  precision=setup.precision)
     return result
 
 
@@ -108,7 +117,10 @@ STAGE = Stage(
     folder=lambda config, layout: layout.distill_dir(config.name),
     inputs=lambda config, layout: {"init": init_path(config), "experts": experts_dir(config)},
     input_fields=("init", "experts_dir"),
-    runtime=("checkpoint_every", "memory_saving", "memory_budget_gb", "max_bad_steps", "grid_images"),
+    # fast_inner: how the same gradients are computed (like memory_saving), recorded in the summary. precision
+    # changes the numbers: part of the key unless fp32, so runs made before the key existed keep theirs
+    runtime=("checkpoint_every", "memory_saving", "memory_budget_gb", "max_bad_steps", "grid_images", "fast_inner"),
+    added=(("precision", "fp32"),),
     units=("iterations",), extends=lambda old, new: new["iterations"] >= (old.get("iterations") or 0),
     torchrun=True, shown=("init", "iterations", "syn_steps", "batch_syn", "expert_epochs", "max_start_epoch", "lr_img",
                           "lr_targets", "lr_lr", "trajectories", "model.width", "model.depth"),
@@ -156,7 +168,11 @@ def _setup(config: DistillConfig, device: torch.device) -> Setup:
         raise MkdtError(f"{experts_dir(config)}: validation_experts={config.validation_experts} leaves none of the "
                         f"{len(bank)} experts to distill from; lower validation_experts or train more experts")
     objective = student if ssl else matching.KD
-    return Setup(path, initial, student, layout, bank, device, objective)
+    fast_student = None
+    if config.fast_inner:
+        amp = autocast_dtype(config.precision, device, native_only=True)
+        fast_student = fast.FastStudent(student, layout, amp_dtype=amp)
+    return Setup(path, initial, student, layout, bank, device, objective, fast_student)
 
 
 def _start_or_resume(config: DistillConfig, setup: Setup, run: StageRun) -> DistillState:
@@ -358,7 +374,16 @@ def _match(config: DistillConfig, setup: Setup, state: DistillState, draw: Draw,
     theta0, theta_star = setup.bank.pair(draw.expert, draw.start, draw.start + config.expert_epochs)
     problem = matching.Problem(setup.student, setup.layout, theta0.to(setup.device), theta_star.to(setup.device),
                                state.images, state.targets, state.lr, draw.steps, setup.objective)
-    return memory.match_memory_saving(problem) if use_memory_saving else matching.match_plain(problem)
+    return match_problem(problem, setup.fast_student, use_memory_saving)
+
+
+def match_problem(problem: matching.Problem, fast_student: fast.FastStudent | None,
+                  memory_saving: bool) -> matching.MatchResult:
+    """The path a run takes: the fast inner loop when ``fast_inner`` built a student for it, else the
+    reference (plain or memory-saving); benchmarks/speed_vs_baseline.py times both through here."""
+    if fast_student is not None:
+        return fast.match(problem, fast_student, memory_saving=memory_saving)
+    return memory.match_memory_saving(problem) if memory_saving else matching.match_plain(problem)
 
 
 GRADIENTS = {"images": "grad_images", "targets": "grad_targets", "lr": "grad_lr"}

@@ -164,7 +164,12 @@ def rollout(problem: Problem) -> list[torch.Tensor]:
 def match_plain(problem: Problem) -> MatchResult:
     """Loss and gradients by ordinary reverse-mode through the whole unrolled graph (memory ~ syn_steps)."""
     theta_n = unroll(problem)
-    loss = matching_loss(theta_n, problem.theta0, problem.theta_star)
+    return gradients_of(matching_loss(theta_n, problem.theta0, problem.theta_star), problem)
+
+
+def gradients_of(loss: torch.Tensor, problem: Problem) -> MatchResult:
+    """The loss and, when finite, its gradients w.r.t. the learned leaves (one reverse pass through
+    the graph that made it)."""
     wants = problem.wants()
     if not wants or not torch.isfinite(loss):
         return MatchResult(loss.detach())

@@ -184,15 +184,36 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 arithmetic in hardware: a CUDA device torch reports bf16 support for,
+    or a CPU whose flags (``/proc/cpuinfo``) include AVX512-BF16 or AMX-BF16. Elsewhere bf16 is emulated
+    and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(precision: str, device: torch.device, *, native_only: bool = False) -> torch.dtype | None:
     """The autocast dtype of the forward pass (``None``: float32).
 
     CUDA: ``auto`` is bf16 where supported, else fp16. CPU: ``auto`` and ``fp16`` train in float32 (no
     fp16 CPU kernels worth having); ``bf16`` must be asked for, and pays off on CPUs with native bf16
     instructions (AVX512-BF16 / AMX): convolutions run in bf16, the SSL loss stays float32.
+
+    ``native_only`` (distillation, whose unrolled second-order steps have no loss scaling for fp16):
+    ``auto`` is bf16 where :func:`native_bf16` says the hardware runs it, float32 everywhere else.
     """
     if precision == "fp32":
         return None
+    if native_only and precision == "auto":
+        return torch.bfloat16 if native_bf16(device) else None
     if device.type != "cuda":
         return torch.bfloat16 if precision == "bf16" else None
     if precision == "auto":
