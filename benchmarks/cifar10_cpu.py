@@ -295,6 +295,12 @@ def variant_cost(stages: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mkdt.cli import guarded
+
+    return guarded(lambda: run(argv), lambda: "benchmarks/cifar10_cpu.py")
+
+
+def run(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     source = SOURCES[args.source]
     if args.rewrite_docs:

@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from mkdt.errors import ConfigError, MkdtError, Terminated
 
@@ -160,27 +160,36 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)  # first: a SIGTERM while importing is handled too
-    command = "mkdt"
-    try:
+    command: list[str] = []  # the subcommand, once parsed (for the error line)
+
+    def body() -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         if not args.command:
             parser.print_help()
             return 2
-        command = args.command
+        command.append(args.command)
         return _dispatch(args)
+
+    return guarded(body, lambda: f"mkdt {command[0]}" if command else "mkdt")
+
+
+def guarded(body: Callable[[], int], where: Callable[[], str]) -> int:
+    """``body()`` under mkdt's error contract (also for scripts such as the benchmarks): a failure is one line
+    prefixed by ``where()`` and an exit code, never a traceback; SIGTERM is handled as Ctrl-C, and both say
+    that finished work is kept."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)  # first: a SIGTERM while importing is handled too
+    try:
+        return body()
     except MkdtError as exc:
-        print(f"mkdt {command}: error: {exc}", file=sys.stderr)
+        print(f"{where()}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:  # a file-system failure outside the artifact writer: still one line
-        where = exc.filename or "file system"
-        print(f"mkdt {command}: error: {where}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"{where()}: error: {exc.filename or 'file system'}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
         how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        where = "mkdt" if command == "mkdt" else f"mkdt {command}"
-        print(f"{where}: {how}; finished work is kept, re-run the same command to resume", file=sys.stderr)
+        print(f"{where()}: {how}; finished work is kept, re-run the same command to resume", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
     finally:
         signal.signal(signal.SIGTERM, previous)
