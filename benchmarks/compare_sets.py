@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         "Linear-probe accuracy (%) of the cifar10-cpu student pre-trained on each set, mean ± std over "
         f"seeds {', '.join(map(str, args.seeds))} (each seed: its own encoder and its own labelled subset).", "",
         f"Command: `{command}`  ", f"Date: {date}", "",
-        "Sets: " + "; ".join(f"`{name}` ({kind}) `{path}`" for name, kind, path in sets), "",
+        "Sets: " + "; ".join(f"`{name}` ({kind}) {path}" for name, kind, path in sets), "",
         table]))
     return 0
 
