@@ -125,7 +125,8 @@ def measure_distill(root: Path, processes: int, sizes: dict, init: Path, experts
     out = root / f"distill-p{processes}"
     values = {"init": str(init), "experts_dir": str(experts), "iterations": sizes["iterations"],
               "checkpoint_every": sizes["iterations"], "grid_images": 16,
-              "trajectories": processes}  # each process matches one trajectory per update
+              "trajectories": processes,  # each process matches one trajectory per update
+              "validation_experts": 0}  # throughput only: no held-out experts (the quick run trains 2)
     values.update({k: sizes[k] for k in ("syn_steps", "batch_syn") if sizes[k] is not None})
     config = write_config(root / f"distill-p{processes}.yaml", "distill", values)
     wall = torchrun(processes, "distill", config, out)
