@@ -102,11 +102,16 @@ def encoder_path(cfg: Any) -> Path:
 
 
 def probe_name(cfg: Any, path: Path) -> str:
-    """The results folder: validation results get their own (``<name>-validation``), so they never replace
-    a test probe of the same encoder (fine-tuning has no validation mode: always the test name)."""
+    """The encoder's results name: ``cfg.name``, else the encoder's folder (or file stem)."""
     name = cfg.name or (path.parent.name if path.name == "encoder.safetensors" else path.stem)
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "encoder"
-    return f"{name}-validation" if getattr(cfg, "evaluation", "test") == "validation" else name
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "encoder"
+
+
+def probe_folder(cfg: ProbeConfig) -> str:
+    """The probe's folder: validation results get their own (``<name>-validation``), so they never replace
+    a test probe of the same encoder."""
+    name = probe_name(cfg, encoder_path(cfg))
+    return f"{name}-validation" if cfg.evaluation == "validation" else name
 
 
 def downstream_label(cfg: DataConfig) -> str:
@@ -426,7 +431,7 @@ def _probe(config: ProbeConfig, run: StageRun) -> dict[str, Any]:
 
 STAGE = Stage(
     "probe", ProbeConfig, _probe, "linear-probe an encoder on downstream sets",
-    folder=lambda config, layout: layout.probe_dir(probe_name(config, encoder_path(config))),
+    folder=lambda config, layout: layout.probe_dir(probe_folder(config)),
     inputs=lambda config, layout: {"encoder": encoder_path(config)}, input_fields=("encoder",),
     runtime=("feature_batch_size",), units=("downstream", "protocols", "percents", "seeds"),
     extends=lambda old, new: True, torchrun=True, shown=("protocols", "percents", "seeds"),
